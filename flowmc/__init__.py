@@ -1,0 +1,22 @@
+"""flowmc: flow-assisted Markov chain Monte Carlo for lattice scalar field theory."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from flowmc.action import FreeTheory, Phi4Action, hopping_to_standard, standard_to_hopping
+from flowmc.flow import Flow, FlowConfig, Z2SymmetricFlow, build_flow
+from flowmc.prior import GaussianPrior
+
+__all__ = [
+    "__version__",
+    "Phi4Action",
+    "FreeTheory",
+    "hopping_to_standard",
+    "standard_to_hopping",
+    "GaussianPrior",
+    "Flow",
+    "FlowConfig",
+    "Z2SymmetricFlow",
+    "build_flow",
+]

@@ -1,0 +1,1 @@
+"""Subcommands of the flowmc CLI; each module defines register(subparsers)."""

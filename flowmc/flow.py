@@ -1,0 +1,185 @@
+r"""Normalizing flows: a prior pushed through a stack of coupling layers.
+
+.. math::
+
+    q(\phi) = r(z)\,\Big|\det\frac{\partial f(z)}{\partial z}\Big|^{-1},\qquad \phi = f(z),
+
+so :math:`\log q(\phi) = \log r(z) - \sum_l \log|\det J_l|`. ``forward`` is prior → field.
+
+References:
+    Albergo, Kanwar, Shanahan, arXiv:1904.12072; Albergo et al., arXiv:2101.08176.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import Tensor, nn
+
+from flowmc.action import check_field
+from flowmc.couplings import AffineCoupling, checkerboard
+from flowmc.nets import PeriodicCNN
+from flowmc.prior import GaussianPrior
+
+__all__ = ["Flow", "FlowConfig", "build_flow", "Z2SymmetricFlow"]
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Architecture of a coupling flow; stored in every checkpoint.
+
+    Attributes:
+        lattice_shape: lattice extents (all even).
+        n_layers: number of coupling layers (parities alternate).
+        hidden: hidden channels of each conditioner CNN.
+        kernel_size: odd convolution kernel size.
+        activation: conditioner activation name.
+        coupling: ``"affine"``.
+        equivariant: make every layer commute with phi -> -phi.
+        s_max: bound on the per-layer log-scale.
+        prior_sigma: standard deviation of the i.i.d. Gaussian prior.
+    """
+
+    lattice_shape: tuple[int, ...]
+    n_layers: int = 16
+    hidden: tuple[int, ...] = (8, 8)
+    kernel_size: int = 3
+    activation: str = "leaky_relu"
+    coupling: str = "affine"
+    equivariant: bool = False
+    s_max: float = 4.0
+    prior_sigma: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lattice_shape", tuple(int(s) for s in self.lattice_shape))
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if self.n_layers < 1:
+            raise ValueError(f"Expected n_layers >= 1; got {self.n_layers}")
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"Expected coupling in {sorted(COUPLINGS)}; got {self.coupling!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lattice_shape"] = list(self.lattice_shape)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FlowConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"Unknown FlowConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def _affine_layer(cfg: FlowConfig, parity: int) -> nn.Module:
+    net = PeriodicCNN(
+        len(cfg.lattice_shape),
+        1,
+        2,
+        cfg.hidden,
+        cfg.kernel_size,
+        cfg.activation,
+    )
+    return AffineCoupling(
+        checkerboard(cfg.lattice_shape, parity), net, s_max=cfg.s_max, equivariant=cfg.equivariant
+    )
+
+
+#: coupling name -> factory(config, parity) -> layer; other modules may register more.
+COUPLINGS = {"affine": _affine_layer}
+
+
+class Flow(nn.Module):
+    """A normalizing flow: ``prior`` then ``layers`` (prior → field).
+
+    Args:
+        prior: a prior with ``sample(n, generator=)`` and ``log_prob(z)``.
+        layers: bijections with ``forward(x) -> (y, log_det)`` and ``inverse(y) -> (x, log_det)``.
+        config: the :class:`FlowConfig` that built it (kept for checkpoints).
+    """
+
+    def __init__(
+        self, prior: GaussianPrior, layers: Sequence[nn.Module], config: FlowConfig | None = None
+    ) -> None:
+        super().__init__()
+        self.prior = prior
+        self.layers = nn.ModuleList(layers)
+        self.config = config
+        self.lattice_shape = prior.lattice_shape
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Map prior samples to fields; returns ``(phi, log|det d phi/d z|)``."""
+        log_det = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        x = z
+        for layer in self.layers:
+            x, ld = layer(x)
+            log_det = log_det + ld
+        return x, log_det
+
+    def inverse(self, phi: Tensor) -> tuple[Tensor, Tensor]:
+        """Map fields to prior space; returns ``(z, log|det d z/d phi|)``."""
+        log_det = torch.zeros(phi.shape[0], dtype=phi.dtype, device=phi.device)
+        x = phi
+        for layer in reversed(self.layers):
+            x, ld = layer.inverse(x)
+            log_det = log_det + ld
+        return x, log_det
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` fields with their exact log density: ``(phi (n, *L), log_q (n,))``."""
+        z = self.prior.sample(n, generator=generator)
+        phi, log_det = self(z)
+        return phi, self.prior.log_prob(z) - log_det
+
+    sample_and_log_prob = sample
+
+    def log_prob(self, phi: Tensor) -> Tensor:
+        """Exact :math:`\\log q(\\phi)`, shape ``(B,)``."""
+        check_field(phi, self.lattice_shape)
+        z, log_det = self.inverse(phi)
+        return self.prior.log_prob(z) + log_det
+
+
+class Z2SymmetricFlow(nn.Module):
+    r"""The symmetrised proposal :math:`q_s(\phi) = \tfrac12[q(\phi) + q(-\phi)]`.
+
+    Sampling draws from ``flow`` and flips the sign with probability ½; the density is exact for
+    any flow (a mixture of two normalised densities). Use it whenever the target is Z2 symmetric,
+    so a flow that collapsed onto one of the two modes :math:`\pm\phi` still proposes both.
+
+    Args:
+        flow: the underlying :class:`Flow`.
+    """
+
+    def __init__(self, flow: Flow) -> None:
+        super().__init__()
+        self.flow = flow
+        self.lattice_shape = flow.lattice_shape
+        self.config = flow.config
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        phi, log_q = self.flow.sample(n, generator=generator)
+        # q_s(+-phi) = [q(phi) + q(-phi)] / 2 whichever sign is kept: one term is known
+        log_q_sym = torch.logaddexp(log_q, self.flow.log_prob(-phi)) - math.log(2.0)
+        u = torch.rand(n, generator=generator, device=phi.device, dtype=phi.dtype)
+        sign = torch.where(u < 0.5, -1.0, 1.0).to(phi.dtype)
+        return phi * sign.view(-1, *([1] * len(self.lattice_shape))), log_q_sym
+
+    sample_and_log_prob = sample
+
+    def log_prob(self, phi: Tensor) -> Tensor:
+        return torch.logaddexp(self.flow.log_prob(phi), self.flow.log_prob(-phi)) - math.log(2.0)
+
+
+def build_flow(config: FlowConfig) -> Flow:
+    """Construct a :class:`Flow` from its configuration (layers alternate parity 0, 1, 0, ...)."""
+    prior = GaussianPrior(config.lattice_shape, config.prior_sigma)
+    factory = COUPLINGS[config.coupling]
+    layers = [factory(config, i % 2) for i in range(config.n_layers)]
+    return Flow(prior, layers, config)
