@@ -1,0 +1,162 @@
+"""Flow checkpoints: model config and weights, action, training state, provenance.
+
+A checkpoint is a ``torch.save`` dict of plain Python values and tensors (loadable with
+``weights_only=True``)::
+
+    format            "flowmc-checkpoint"
+    format_version    1
+    flowmc_version    version that wrote it
+    flow_config       FlowConfig.to_dict()
+    model_state       state_dict of the Flow
+    action            Phi4Action.params()
+    symmetric         bool: sample/evaluate with the Z2-symmetrised density
+    train_config      TrainConfig.to_dict()
+    trainer_state     optimizer state, step, history, generator state (for resuming)
+    resolved_config   the CLI options that made it
+    meta              free-form provenance (machine, created, training wall time, ...)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+import flowmc
+from flowmc.action import Phi4Action
+from flowmc.flow import Flow, FlowConfig, Z2SymmetricFlow, build_flow
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "LoadedModel", "FORMAT"]
+
+FORMAT = "flowmc-checkpoint"
+FORMAT_VERSION = 1
+
+
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": str(torch.__version__),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def save_checkpoint(
+    path: str | Path,
+    flow: Flow,
+    action: Phi4Action,
+    *,
+    symmetric: bool = False,
+    train_config: dict | None = None,
+    trainer_state: dict | None = None,
+    resolved_config: dict | None = None,
+    meta: dict | None = None,
+) -> None:
+    """Write a checkpoint atomically (temporary file, then rename)."""
+    if flow.config is None:
+        raise ValueError("Expected a flow built by build_flow (flow.config is None)")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "flowmc_version": flowmc.__version__,
+        "flow_config": flow.config.to_dict(),
+        "model_state": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
+        "action": action.params(),
+        "symmetric": bool(symmetric),
+        "train_config": train_config or {},
+        "trainer_state": trainer_state,
+        "resolved_config": resolved_config or {},
+        "meta": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(), **(meta or {})},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load and validate a checkpoint dict.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file is not a flowmc checkpoint or has a newer format.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not ours"
+        raise ValueError(f"{path} is not a readable flowmc checkpoint ({exc.__class__.__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a flowmc checkpoint (missing format '{FORMAT}')")
+    if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has checkpoint format {ckpt['format_version']}; this flowmc reads "
+            f"<= {FORMAT_VERSION} (upgrade flowmc)"
+        )
+    return ckpt
+
+
+class LoadedModel:
+    """A flow restored from a checkpoint, ready to sample.
+
+    Attributes:
+        flow: the underlying :class:`Flow` (in eval mode).
+        proposal: ``flow`` or its :class:`Z2SymmetricFlow` if the checkpoint says ``symmetric``.
+        action: the :class:`Phi4Action` it was trained for.
+        checkpoint: the raw checkpoint dict.
+        path: where it was loaded from.
+    """
+
+    def __init__(self, flow: Flow, action: Phi4Action, checkpoint: dict, path: Path) -> None:
+        self.flow = flow
+        self.action = action
+        self.checkpoint = checkpoint
+        self.path = path
+        self.symmetric = bool(checkpoint.get("symmetric", False))
+        self.proposal: Flow | Z2SymmetricFlow = Z2SymmetricFlow(flow) if self.symmetric else flow
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    lattice_shape: tuple[int, ...] | None = None,
+    symmetric: bool | None = None,
+) -> LoadedModel:
+    """Restore a trained flow.
+
+    Args:
+        path: checkpoint file.
+        device: where to put the model.
+        dtype: parameter dtype.
+        lattice_shape: if given, the lattice the caller expects (error if different).
+        symmetric: override the checkpoint's choice of Z2-symmetrised proposal.
+
+    Raises:
+        ValueError: if the checkpoint is for another lattice than ``lattice_shape``.
+    """
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    config = FlowConfig.from_dict(ckpt["flow_config"])
+    if lattice_shape is not None and tuple(lattice_shape) != tuple(config.lattice_shape):
+        raise ValueError(
+            f"checkpoint {path} is for lattice {tuple(config.lattice_shape)}; expected "
+            f"{tuple(lattice_shape)}"
+        )
+    flow = build_flow(config)
+    flow.load_state_dict(ckpt["model_state"])
+    flow.to(device=device, dtype=dtype).eval()
+    for p in flow.parameters():
+        p.requires_grad_(False)
+    action = Phi4Action.from_params(ckpt["action"])
+    if symmetric is not None:
+        ckpt = {**ckpt, "symmetric": bool(symmetric)}
+    return LoadedModel(flow, action, ckpt, path)

@@ -1,0 +1,94 @@
+"""Helpers shared by the CLI subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import flowmc
+from flowmc.action import Phi4Action
+
+DEFAULT_MODELS = {
+    (8, -4.0, 8.0): "phi4_L8_m2-4_lam8.pt",
+    (8, -4.0, 1.0): "phi4_L8_m2-4_lam1.pt",
+}
+DEFAULT_MODEL = DEFAULT_MODELS[(8, -4.0, 8.0)]
+
+
+def data_dir() -> Path:
+    """The shipped ``data/`` folder (repository checkout first, then the working directory)."""
+    for cand in (Path(flowmc.__file__).resolve().parents[1] / "data", Path.cwd() / "data"):
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError("cannot find flowmc's data/ folder; pass --model explicitly")
+
+
+def default_model_path() -> Path:
+    return data_dir() / DEFAULT_MODEL
+
+
+def add_action_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("action (S = sum_n [sum_mu (2 phi^2 - 2 phi phi_+mu) + m2 phi^2 + lam phi^4])")
+    g.add_argument("--L", type=int, default=None, help="lattice extent (all directions)")
+    g.add_argument("--dim", type=int, default=2, help="number of dimensions (default 2)")
+    g.add_argument("--m2", type=float, default=None, help="bare mass squared")
+    g.add_argument("--lam", type=float, default=None, help="quartic coupling lambda >= 0")
+    g.add_argument("--kappa", type=float, default=None, help="hopping parameter (instead of m2/lam)")
+    g.add_argument("--lam-h", type=float, default=None, help="hopping-form quartic coupling")
+
+
+def action_from_args(args: argparse.Namespace) -> Phi4Action:
+    if args.L is None:
+        raise ValueError("--L is required (lattice extent)")
+    if args.L < 1:
+        raise ValueError(f"Expected --L >= 1; got {args.L}")
+    shape = (args.L,) * args.dim
+    if args.kappa is not None or args.lam_h is not None:
+        if args.m2 is not None or args.lam is not None:
+            raise ValueError("give either --m2/--lam or --kappa/--lam-h, not both")
+        if args.kappa is None or args.lam_h is None:
+            raise ValueError("--kappa and --lam-h go together")
+        return Phi4Action.from_hopping(args.kappa, args.lam_h, shape)
+    if args.m2 is None or args.lam is None:
+        raise ValueError("--m2 and --lam are required (or --kappa and --lam-h)")
+    return Phi4Action(args.m2, args.lam, shape)
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _clean(obj):  # noqa: ANN001, ANN202
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    """Write ``obj`` as JSON (NaN/inf become null; keys starting with '_' are dropped)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(obj), indent=2) + "\n")
+
+
+def fmt(value: float, err: float | None = None) -> str:
+    """``value ± err`` with the error to 2 significant digits."""
+    if err is None or not math.isfinite(err) or err <= 0:
+        return f"{value:.6g}"
+    digits = max(0, 1 - int(math.floor(math.log10(err))))
+    return f"{value:.{digits}f} ± {err:.{digits}f}"

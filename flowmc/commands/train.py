@@ -1,0 +1,203 @@
+"""``flowmc train``: fit a flow to e^{-S} by reverse KL and write a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flowmc.checkpoint import load_checkpoint, machine_info, save_checkpoint
+from flowmc.commands._common import action_from_args, add_action_options, make_generator
+from flowmc.config import (
+    add_common_options,
+    apply_threads,
+    resolve_device,
+    resolve_dtype,
+    resolved,
+)
+from flowmc.flow import FlowConfig, build_flow
+from flowmc.recipes import RECIPES, get_recipe, override
+from flowmc.train import TrainConfig, Trainer
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a flow by reverse KL",
+        description="Train a coupling flow for lattice phi^4 by reverse KL; writes a checkpoint "
+        "with the model, optimizer and RNG states, history and the resolved config.",
+    )
+    add_common_options(p)
+    add_action_options(p)
+    p.add_argument("--out", type=Path, required=False, default=None, help="checkpoint to write")
+    p.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="base recipe")
+    g = p.add_argument_group("flow (overrides the recipe)")
+    g.add_argument("--layers", type=int, default=None, help="number of coupling layers")
+    g.add_argument("--hidden", type=str, default=None, help="hidden channels, e.g. 8,8")
+    g.add_argument("--kernel", type=int, default=None, help="odd conv kernel size")
+    g.add_argument("--activation", default=None, help="leaky_relu, tanh, gelu, silu, relu")
+    g.add_argument("--coupling", default=None, help="coupling type (affine, ...)")
+    g.add_argument("--equivariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="Z2-equivariant couplings")
+    g.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the Z2-symmetrised density q_s = [q(phi)+q(-phi)]/2 "
+                   "(default: on when the action is Z2 symmetric and lam is in the broken phase)")
+    t = p.add_argument_group("training (overrides the recipe)")
+    t.add_argument("--steps", type=int, default=None, help="total optimizer steps")
+    t.add_argument("--batch", type=int, default=None, help="batch size")
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    t.add_argument("--schedule", choices=["constant", "cosine"], default=None)
+    t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: off)")
+    t.add_argument("--estimator", choices=["reparam", "path"], default=None)
+    p.add_argument("--resume", action="store_true", help="continue training from --out")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--plot", type=Path, default=None, help="training-curve PNG (default: OUT.png)")
+    p.set_defaults(func=run)
+
+
+def _parse_hidden(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    if isinstance(text, (list, tuple)):
+        return tuple(int(h) for h in text)
+    try:
+        return tuple(int(h) for h in str(text).split(",") if h.strip())
+    except ValueError:
+        raise ValueError(f"Expected --hidden as comma-separated integers; got {text!r}") from None
+
+
+def plot_history(history: dict, path: Path, title: str = "") -> None:
+    """Training curve: ESS and loss (F_q) against step, moving averages, as in the seed notebook."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    def smooth(x: list[float], w: int = 25) -> np.ndarray:
+        x = np.asarray(x, dtype=float)
+        return np.convolve(x, np.ones(w) / w, "valid") if len(x) > w else x
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=120)
+    ess = smooth(history["ess"])
+    ax.plot(np.arange(len(ess)), ess, color="C0", label="ESS (batch)")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("ESS", color="C0")
+    ax2 = ax.twinx()
+    loss = smooth(history["loss"])
+    ax2.plot(np.arange(len(loss)), loss, color="C1", label="F_q")
+    ax2.set_ylabel(r"loss $F_q = \langle \log q + S\rangle$", color="C1")
+    lo = np.percentile(loss, 5) if len(loss) else 0
+    hi = np.percentile(loss, 60) if len(loss) else 1
+    ax2.set_ylim(lo - 0.1 * abs(hi - lo) - 1e-3, hi + 0.5 * abs(hi - lo) + 1e-3)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
+    if args.out is None:
+        raise ValueError("--out is required (checkpoint path to write)")
+    out = Path(args.out)
+    gen = make_generator(args.seed, device)
+    if args.resume:
+        ckpt = load_checkpoint(out)
+        from flowmc.action import Phi4Action
+
+        action = Phi4Action.from_params(ckpt["action"])
+        flow_cfg = FlowConfig.from_dict(ckpt["flow_config"])
+        train_cfg = TrainConfig.from_dict(ckpt["train_config"])
+        train_cfg = override(train_cfg, n_steps=args.steps)
+        symmetric = bool(ckpt.get("symmetric", False))
+        flow = build_flow(flow_cfg)
+        flow.load_state_dict(ckpt["model_state"])
+        flow.to(device=device, dtype=dtype)
+        trainer = Trainer(flow, action, train_cfg, generator=gen)
+        trainer.load_state_dict(ckpt["trainer_state"])
+        config_record = {**ckpt.get("resolved_config", {}), "resumed_with": resolved(args)}
+        print(f"resuming {out} at step {trainer.step_count} -> {train_cfg.n_steps}", file=sys.stderr)
+    else:
+        if out.exists() and not args.force:
+            raise FileExistsError(f"{out} exists; use --force to overwrite or --resume to continue")
+        action = action_from_args(args)
+        flow_cfg, train_cfg = get_recipe(args.recipe, action.lattice_shape)
+        flow_cfg = override(
+            flow_cfg,
+            n_layers=args.layers,
+            hidden=_parse_hidden(args.hidden),
+            kernel_size=args.kernel,
+            activation=args.activation,
+            coupling=args.coupling,
+            equivariant=args.equivariant,
+        )
+        symmetric = default_symmetric(action) if args.symmetric is None else bool(args.symmetric)
+        train_cfg = override(
+            train_cfg,
+            n_steps=args.steps,
+            batch_size=args.batch,
+            lr=args.lr,
+            schedule=args.schedule,
+            grad_clip=args.grad_clip,
+            estimator=args.estimator,
+            symmetric=symmetric,
+        )
+        torch.manual_seed(args.seed)  # parameter initialisation
+        flow = build_flow(flow_cfg).to(device=device, dtype=dtype)
+        trainer = Trainer(flow, action, train_cfg, generator=gen)
+        config_record = resolved(args)
+    t_start = time.perf_counter()
+
+    def save(tr: Trainer) -> None:
+        save_checkpoint(
+            out,
+            tr.flow,
+            action,
+            symmetric=train_cfg.symmetric,
+            train_config=train_cfg.to_dict(),
+            trainer_state=tr.state_dict(),
+            resolved_config=config_record,
+            meta={
+                "training_time_s": tr.elapsed,
+                "machine": machine_info(),
+                "dtype": args.dtype,
+                "device": str(device),
+                "recipe": getattr(args, "recipe", None),
+            },
+        )
+
+    trainer.run(progress=not args.quiet, callback=save, callback_every=args.checkpoint_every)
+    save(trainer)
+    h = trainer.history
+    tail = slice(-100, None)
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    plot_path = args.plot or out.with_suffix(".png")
+    if h["loss"]:
+        plot_history(h, Path(plot_path), title=f"{action!r}")
+    print(
+        f"trained {trainer.step_count} steps in {time.perf_counter() - t_start:.1f} s "
+        f"(training time {trainer.elapsed:.1f} s)\n"
+        f"  last-100 mean: F_q = {mean(h['loss'][tail]):.4f} (>= -log Z), "
+        f"batch ESS = {mean(h['ess'][tail]):.3f}; skipped non-finite steps: "
+        f"{trainer.skipped_steps}\n"
+        f"  checkpoint: {out}\n  curve: {plot_path}"
+    )
+    return 0
+
+
+def default_symmetric(action) -> bool:  # noqa: ANN001
+    """Whether to train/sample with the Z2-symmetrised density by default.
+
+    Placeholder rule, refined by the broken-phase study (docs/broken-phase.md): symmetrise
+    whenever the action is Z2 symmetric — exact for any flow, at the cost of one extra
+    density evaluation per sample.
+    """
+    return bool(getattr(action, "is_z2_symmetric", False))

@@ -1,0 +1,322 @@
+r"""Reverse-KL training of flows, with resumable checkpoints.
+
+The loss is the variational free energy
+
+.. math::
+
+    F_q = \mathbb{E}_{\phi\sim q}[\log q(\phi) + S(\phi)] = D_{KL}(q\,\|\,p) - \log Z \;\ge\; -\log Z,
+
+so a negative loss is normal: it is bounded below by :math:`-\log Z` and the gap is the KL
+divergence. Two gradient estimators are offered: ``"reparam"`` (the plain reparameterisation
+gradient of :math:`F_q`) and ``"path"`` (the path gradient of Vaitl et al., arXiv:2207.08219, whose
+variance vanishes as :math:`q \to p`).
+
+References:
+    Albergo, Kanwar, Shanahan, arXiv:1904.12072; Vaitl, Nicoli, Nakajima, Kessel, arXiv:2207.08219.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from flowmc.action import Phi4Action
+from flowmc.flow import Flow, Z2SymmetricFlow
+
+__all__ = ["TrainConfig", "Trainer", "reverse_kl_loss", "kish_ess_from_log_weights"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters (stored in checkpoints).
+
+    Attributes:
+        n_steps: number of optimizer steps.
+        batch_size: samples per step.
+        lr: Adam learning rate.
+        schedule: ``"constant"`` or ``"cosine"`` (decays to ``lr * lr_min_factor``).
+        lr_min_factor: final learning rate as a fraction of ``lr`` for the cosine schedule.
+        grad_clip: max gradient norm (``0`` disables clipping).
+        estimator: ``"reparam"`` or ``"path"``.
+        symmetric: train the Z2-symmetrised density ½[q(φ)+q(−φ)] (see ``Z2SymmetricFlow``).
+        max_bad_steps: consecutive non-finite losses tolerated before training stops.
+    """
+
+    n_steps: int = 2500
+    batch_size: int = 64
+    lr: float = 1e-3
+    schedule: str = "constant"
+    lr_min_factor: float = 0.0
+    grad_clip: float = 0.0
+    estimator: str = "reparam"
+    symmetric: bool = False
+    max_bad_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.n_steps < 0:
+            raise ValueError(f"Expected n_steps >= 0; got {self.n_steps}")
+        if self.batch_size < 2:
+            raise ValueError(f"Expected batch_size >= 2; got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"Expected lr > 0; got {self.lr}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"Expected schedule 'constant' or 'cosine'; got {self.schedule!r}")
+        if self.estimator not in ("reparam", "path"):
+            raise ValueError(f"Expected estimator 'reparam' or 'path'; got {self.estimator!r}")
+        if self.grad_clip < 0:
+            raise ValueError(f"Expected grad_clip >= 0; got {self.grad_clip}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def kish_ess_from_log_weights(log_w: Tensor) -> float:
+    r"""Reweighting ESS :math:`(\sum w)^2 / (N\sum w^2)` in log space, in ``(0, 1]``."""
+    log_w = log_w.detach().double()
+    log_w = log_w[torch.isfinite(log_w)] if not torch.isfinite(log_w).all() else log_w
+    if log_w.numel() == 0:
+        return 0.0
+    log_ess = 2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)
+    return float(torch.exp(log_ess) / log_w.numel())
+
+
+def _proposal(flow: Flow, symmetric: bool) -> Flow | Z2SymmetricFlow:
+    return Z2SymmetricFlow(flow) if symmetric else flow
+
+
+def reverse_kl_loss(
+    flow: Flow,
+    action: Phi4Action,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    symmetric: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Monte Carlo estimate of :math:`F_q = \langle \log q + S\rangle_q` (reparameterised).
+
+    Returns:
+        ``(loss, log_p, log_q)`` with ``log_p = -S`` and ``log_q`` of shape ``(batch_size,)``.
+    """
+    phi, log_q = _proposal(flow, symmetric).sample(batch_size, generator=generator)
+    log_p = -action(phi)
+    return (log_q - log_p).mean(), log_p, log_q
+
+
+def _path_gradient_loss(
+    flow: Flow,
+    action: Phi4Action,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None,
+    symmetric: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Surrogate whose gradient is the path gradient of F_q (score term removed).
+
+    ``phi = f_theta(z)`` carries the parameter dependence; ``log q`` is then evaluated at ``phi``
+    with *detached* parameters, so only ``d(log q + S)/d phi * d phi/d theta`` survives.
+    """
+    z = flow.prior.sample(batch_size, generator=generator)
+    phi, _ = flow(z)
+    if symmetric:
+        u = torch.rand(batch_size, generator=generator, device=z.device, dtype=z.dtype)
+        phi = phi * torch.where(u < 0.5, -1.0, 1.0).to(z.dtype).view(-1, *([1] * (phi.dim() - 1)))
+    wrapper = _LogProb(_proposal(flow, symmetric))
+    frozen = {f"proposal.{k}": v.detach() for k, v in wrapper.proposal.named_parameters()}
+    log_q = torch.func.functional_call(wrapper, frozen, (phi,))
+    log_p = -action(phi)
+    return (log_q - log_p).mean(), log_p.detach(), log_q.detach()
+
+
+class _LogProb(nn.Module):
+    def __init__(self, proposal: nn.Module) -> None:
+        super().__init__()
+        self.proposal = proposal
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proposal.log_prob(x)
+
+
+class Trainer:
+    """Reverse-KL trainer with explicit, checkpointable state.
+
+    Args:
+        flow: the flow to train (modified in place).
+        action: the target action.
+        config: training hyper-parameters.
+        generator: source of all training randomness.
+
+    The history holds one entry per step: ``loss`` (= F_q estimate), ``log_p`` (mean of −S),
+    ``log_q`` (mean), ``ess`` (Kish ESS of the batch), ``lr`` and ``time`` (seconds since start).
+    """
+
+    HISTORY_KEYS = ("loss", "log_p", "log_q", "ess", "lr", "time")
+
+    def __init__(
+        self,
+        flow: Flow,
+        action: Phi4Action,
+        config: TrainConfig,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if tuple(flow.lattice_shape) != tuple(action.lattice_shape):
+            raise ValueError(
+                f"Expected a flow for lattice {action.lattice_shape}; got one for "
+                f"{tuple(flow.lattice_shape)}"
+            )
+        self.flow = flow
+        self.action = action
+        self.config = config
+        self.generator = generator
+        self.optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr)
+        self.step_count = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.elapsed = 0.0
+        self.history: dict[str, list[float]] = {k: [] for k in self.HISTORY_KEYS}
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.config
+        if cfg.schedule == "constant" or cfg.n_steps <= 1:
+            return cfg.lr
+        frac = min(step / (cfg.n_steps - 1), 1.0)
+        lo = cfg.lr * cfg.lr_min_factor
+        return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step; returns this step's metrics (also appended to the history).
+
+        A non-finite loss is not trained on: the step is skipped and counted; after
+        ``max_bad_steps`` consecutive ones a ``RuntimeError`` stops training.
+        """
+        cfg = self.config
+        t0 = time.perf_counter()
+        lr = self.lr_at(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        fn = _path_gradient_loss if cfg.estimator == "path" else reverse_kl_loss
+        loss, log_p, log_q = fn(
+            self.flow,
+            self.action,
+            cfg.batch_size,
+            generator=self.generator,
+            symmetric=cfg.symmetric,
+        )
+        f_q = float((log_q - log_p).detach().mean())
+        if not (math.isfinite(f_q) and torch.isfinite(loss)):
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise RuntimeError(
+                    f"training stopped: {self.bad_steps} consecutive non-finite losses at step "
+                    f"{self.step_count} (try a smaller lr or grad_clip)"
+                )
+            self.step_count += 1
+            return {"loss": float("nan")}
+        self.bad_steps = 0
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.flow.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.step_count += 1
+        self.elapsed += time.perf_counter() - t0
+        metrics = {
+            "loss": f_q,
+            "log_p": float(log_p.detach().mean()),
+            "log_q": float(log_q.detach().mean()),
+            "ess": kish_ess_from_log_weights((log_p - log_q).detach()),
+            "lr": lr,
+            "time": self.elapsed,
+        }
+        for k in self.HISTORY_KEYS:
+            self.history[k].append(metrics[k])
+        return metrics
+
+    def run(
+        self,
+        n_steps: int | None = None,
+        *,
+        progress: bool = True,
+        callback: Callable[[Trainer], None] | None = None,
+        callback_every: int = 0,
+    ) -> dict[str, list[float]]:
+        """Run until ``n_steps`` (default ``config.n_steps``) total steps have been taken."""
+        target = self.config.n_steps if n_steps is None else n_steps
+        bar = _Progress(target, enabled=progress, start=self.step_count)
+        self.flow.train()
+        while self.step_count < target:
+            metrics = self.step()
+            bar.update(self.step_count, metrics, self.history)
+            if callback is not None and callback_every and self.step_count % callback_every == 0:
+                callback(self)
+        bar.close()
+        return self.history
+
+    # --- checkpointable state --------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_count,
+            "skipped_steps": self.skipped_steps,
+            "elapsed": self.elapsed,
+            "history": {k: list(v) for k, v in self.history.items()},
+            "generator": self.generator.get_state() if self.generator is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.elapsed = float(state["elapsed"])
+        self.history = {k: list(state["history"].get(k, [])) for k in self.HISTORY_KEYS}
+        if self.generator is not None and state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
+
+
+class _Progress:
+    """A dependency-free one-line progress bar on stderr."""
+
+    def __init__(self, total: int, *, enabled: bool, start: int = 0) -> None:
+        self.total = max(total, 1)
+        self.enabled = enabled and total > start
+        self.t0 = time.perf_counter()
+        self.start = start
+        self.last = 0.0
+
+    def update(self, step: int, metrics: dict, history: dict) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.last < 0.5 and step < self.total:
+            return
+        self.last = now
+        ess = history["ess"][-50:]
+        loss = history["loss"][-50:]
+        ess_avg = sum(ess) / len(ess) if ess else float("nan")
+        loss_avg = sum(loss) / len(loss) if loss else float("nan")
+        frac = step / self.total
+        bar = "#" * int(25 * frac) + "-" * (25 - int(25 * frac))
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        sys.stderr.write(
+            f"\r[{bar}] {step}/{self.total} loss(F_q) {loss_avg:9.4f} ess {ess_avg:5.3f} "
+            f"{rate:6.1f} it/s eta {eta:5.0f}s"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
