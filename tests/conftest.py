@@ -1,0 +1,16 @@
+"""Shared test configuration: float64 by default where exactness is claimed, one thread."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _fork_rng():
+    """Every test runs with its own copy of the global RNG state (zuko's conftest pattern)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
