@@ -120,7 +120,9 @@ class LoadedModel:
         self.checkpoint = checkpoint
         self.path = path
         self.symmetric = bool(checkpoint.get("symmetric", False))
-        self.proposal: Flow | Z2SymmetricFlow = Z2SymmetricFlow(flow) if self.symmetric else flow
+        # an equivariant flow with an even prior has q(-phi) = q(phi): q_s = q exactly
+        wrap = self.symmetric and not (flow.config is not None and flow.config.equivariant)
+        self.proposal: Flow | Z2SymmetricFlow = Z2SymmetricFlow(flow) if wrap else flow
 
 
 def load_model(

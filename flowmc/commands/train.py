@@ -139,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
             coupling=args.coupling,
             equivariant=args.equivariant,
         )
-        symmetric = default_symmetric(action) if args.symmetric is None else bool(args.symmetric)
+        symmetric = (
+            default_symmetric(action, flow_cfg) if args.symmetric is None else bool(args.symmetric)
+        )
         train_cfg = override(
             train_cfg,
             n_steps=args.steps,
@@ -193,11 +195,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_symmetric(action) -> bool:  # noqa: ANN001
-    """Whether to train/sample with the Z2-symmetrised density by default.
+def default_symmetric(action, flow_cfg: FlowConfig) -> bool:  # noqa: ANN001
+    """Whether to train and sample with the Z2-symmetrised density q_s = [q(phi) + q(-phi)]/2.
 
-    Placeholder rule, refined by the broken-phase study (docs/broken-phase.md): symmetrise
-    whenever the action is Z2 symmetric — exact for any flow, at the cost of one extra
-    density evaluation per sample.
+    On whenever the action is Z2 symmetric, so sampling reaches both modes +-phi without user
+    action (exact for any flow; see docs/broken-phase.md) -- except for a Z2-equivariant flow,
+    whose density is already even, q(-phi) = q(phi), so q_s = q and symmetrising would only
+    double the cost.
     """
-    return bool(getattr(action, "is_z2_symmetric", False))
+    return bool(getattr(action, "is_z2_symmetric", False)) and not flow_cfg.equivariant
