@@ -20,6 +20,7 @@ import torch
 
 from flowmc import imh
 from flowmc.action import Phi4Action
+from flowmc.autocorr import kish_ess
 
 __all__ = ["evaluate_flow", "draw_samples", "plot_action_vs_effective"]
 
@@ -52,12 +53,9 @@ def draw_samples(
 
 
 def _kish(log_w: np.ndarray) -> float:
-    from scipy.special import logsumexp
-
+    """Kish ESS with non-finite weights counted as zero weight."""
     log_w = np.asarray(log_w, dtype=np.float64)
-    if not np.isfinite(log_w).all():
-        log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
-    return float(np.exp(2 * logsumexp(log_w) - logsumexp(2 * log_w)) / log_w.size)
+    return kish_ess(np.where(np.isfinite(log_w), log_w, -np.inf))
 
 
 def evaluate_flow(

@@ -23,10 +23,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from flowmc.action import Phi4Action
+from flowmc.autocorr import kish_ess
 from flowmc.flow import Flow, Z2SymmetricFlow
 
 __all__ = ["TrainConfig", "Trainer", "reverse_kl_loss", "kish_ess_from_log_weights"]
@@ -82,13 +84,9 @@ class TrainConfig:
 
 
 def kish_ess_from_log_weights(log_w: Tensor) -> float:
-    r"""Reweighting ESS :math:`(\sum w)^2 / (N\sum w^2)` in log space, in ``(0, 1]``."""
-    log_w = log_w.detach().double()
-    log_w = log_w[torch.isfinite(log_w)] if not torch.isfinite(log_w).all() else log_w
-    if log_w.numel() == 0:
-        return 0.0
-    log_ess = 2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)
-    return float(torch.exp(log_ess) / log_w.numel())
+    r"""Reweighting ESS :math:`(\sum w)^2 / (N\sum w^2)` of a batch (see :func:`kish_ess`)."""
+    lw = log_w.detach().double().cpu().numpy()
+    return kish_ess(np.where(np.isfinite(lw), lw, -np.inf))
 
 
 def _proposal(flow: Flow, symmetric: bool) -> Flow | Z2SymmetricFlow:
