@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_with_config(commands[name], argv[1:], section=name)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"flowmc {name}: error: {exc}", file=sys.stderr)
         return 2
 
