@@ -23,6 +23,7 @@ from flowmc.action import check_field
 from flowmc.couplings import AffineCoupling, checkerboard
 from flowmc.nets import PeriodicCNN
 from flowmc.prior import GaussianPrior
+from flowmc.splines import SplineCoupling
 
 __all__ = ["Flow", "FlowConfig", "build_flow", "Z2SymmetricFlow"]
 
@@ -91,8 +92,24 @@ def _affine_layer(cfg: FlowConfig, parity: int) -> nn.Module:
     )
 
 
+def _spline_layer(cfg: FlowConfig, parity: int) -> nn.Module:
+    """Rational-quadratic spline coupling; ``cfg.extra`` may set ``n_bins`` and ``spline_bound``."""
+    if cfg.equivariant:
+        raise ValueError("Expected equivariant=False for coupling 'spline' (not Z2-odd)")
+    n_bins = int(cfg.extra.get("n_bins", 8))
+    net = PeriodicCNN(
+        len(cfg.lattice_shape), 1, 3 * n_bins - 1, cfg.hidden, cfg.kernel_size, cfg.activation
+    )
+    return SplineCoupling(
+        checkerboard(cfg.lattice_shape, parity),
+        net,
+        n_bins=n_bins,
+        bound=float(cfg.extra.get("spline_bound", 4.0)),
+    )
+
+
 #: coupling name -> factory(config, parity) -> layer; other modules may register more.
-COUPLINGS = {"affine": _affine_layer}
+COUPLINGS = {"affine": _affine_layer, "spline": _spline_layer}
 
 
 class Flow(nn.Module):

@@ -111,10 +111,7 @@ def get_flow(name: str, action: Phi4Action, args: argparse.Namespace) -> Path:
     flow_cfg, train_cfg = get_recipe("default", action.lattice_shape)
     if args.quick:
         flow_cfg = override(flow_cfg, n_layers=4)
-    try:  # the train command's rule (its signature gained flow_cfg)
-        symmetric = default_symmetric(action, flow_cfg)
-    except TypeError:
-        symmetric = default_symmetric(action)
+    symmetric = default_symmetric(action, flow_cfg)  # the train command's rule
     train_cfg = override(train_cfg, n_steps=args.train_steps, symmetric=symmetric)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
