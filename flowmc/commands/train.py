@@ -116,13 +116,26 @@ def run(args: argparse.Namespace) -> int:
         action = Phi4Action.from_params(ckpt["action"])
         flow_cfg = FlowConfig.from_dict(ckpt["flow_config"])
         train_cfg = TrainConfig.from_dict(ckpt["train_config"])
-        train_cfg = override(train_cfg, n_steps=args.steps)
+        # a resumed run may change the training hyper-parameters (e.g. a second phase with the
+        # path-gradient estimator or a larger batch); the flow and the action stay as stored
+        train_cfg = override(
+            train_cfg,
+            n_steps=args.steps,
+            batch_size=args.batch,
+            lr=args.lr,
+            schedule=args.schedule,
+            grad_clip=args.grad_clip,
+            estimator=args.estimator,
+        )
         symmetric = bool(ckpt.get("symmetric", False))
         flow = build_flow(flow_cfg)
         flow.load_state_dict(ckpt["model_state"])
         flow.to(device=device, dtype=dtype)
         trainer = Trainer(flow, action, train_cfg, generator=gen)
         trainer.load_state_dict(ckpt["trainer_state"])
+        if args.lr is not None:  # the optimizer state carries the old learning rate
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = args.lr
         config_record = {**ckpt.get("resolved_config", {}), "resumed_with": resolved(args)}
         print(f"resuming {out} at step {trainer.step_count} -> {train_cfg.n_steps}", file=sys.stderr)
     else:
