@@ -183,7 +183,7 @@ class Z2SymmetricFlow(nn.Module):
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         phi, log_q = self.flow.sample(n, generator=generator)
         # q_s(+-phi) = [q(phi) + q(-phi)] / 2 whichever sign is kept: one term is known
-        log_q_sym = torch.logaddexp(log_q, self.flow.log_prob(-phi)) - math.log(2.0)
+        log_q_sym = torch.logaddexp(log_q, _mirror(self.flow.log_prob(-phi))) - math.log(2.0)
         u = torch.rand(n, generator=generator, device=phi.device, dtype=phi.dtype)
         sign = torch.where(u < 0.5, -1.0, 1.0).to(phi.dtype)
         return phi * sign.view(-1, *([1] * len(self.lattice_shape))), log_q_sym
@@ -191,7 +191,16 @@ class Z2SymmetricFlow(nn.Module):
     sample_and_log_prob = sample
 
     def log_prob(self, phi: Tensor) -> Tensor:
-        return torch.logaddexp(self.flow.log_prob(phi), self.flow.log_prob(-phi)) - math.log(2.0)
+        return (
+            torch.logaddexp(self.flow.log_prob(phi), _mirror(self.flow.log_prob(-phi)))
+            - math.log(2.0)
+        )
+
+
+def _mirror(log_q: Tensor) -> Tensor:
+    """The mirror term q(-phi) of a collapsed flow can underflow to NaN (-inf arithmetic) in
+    float32; its true value is then negligible, so count it as zero density, not as an error."""
+    return torch.nan_to_num(log_q, nan=-float("inf"))
 
 
 def build_flow(config: FlowConfig) -> Flow:

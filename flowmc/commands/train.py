@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Z2-equivariant couplings")
     g.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="use the Z2-symmetrised density q_s = [q(phi)+q(-phi)]/2 "
-                   "(default: on when the action is Z2 symmetric and lam is in the broken phase)")
+                   "(default: on for a Z2-symmetric action unless --equivariant; see "
+                   "docs/broken-phase.md)")
     t = p.add_argument_group("training (overrides the recipe)")
     t.add_argument("--steps", type=int, default=None, help="total optimizer steps")
     t.add_argument("--batch", type=int, default=None, help="batch size")
