@@ -44,7 +44,7 @@ RECIPES: dict[str, dict] = {
             "extra": {"n_bins": 8, "spline_bound": 2.5},
         },
         "train": {
-            "n_steps": 2000,
+            "n_steps": 1800,
             "batch_size": 256,
             "lr": 3e-3,
             "schedule": "cosine",

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from flowmc.action import Phi4Action
+from flowmc.checkpoint import machine_info, save_checkpoint
 from flowmc.evaluate import evaluate_flow
 from flowmc.flow import Z2SymmetricFlow, build_flow
 from flowmc.recipes import get_recipe, override
@@ -89,6 +90,15 @@ def bench_one(point: str, recipe: str, args: argparse.Namespace) -> dict:
     cpu_train = time.process_time() - cpu0  # includes the checkpoints; reported for reference
     load1 = loadavg()
     flow.eval()
+    if args.save_dir is not None:
+        save_checkpoint(
+            Path(args.save_dir) / f"{point}_{recipe}.pt", flow, action,
+            symmetric=train_cfg.symmetric, train_config=train_cfg.to_dict(),
+            trainer_state=trainer.state_dict(),
+            resolved_config={"script": "scripts/bench_train.py", **vars(args)},
+            meta={"training_time_s": trainer.elapsed, "machine": machine_info(),
+                  "recipe": recipe, "dtype": args.dtype, "device": "cpu"},
+        )
     res = evaluate_flow(proposal(), action, args.n_eval, batch_size=1024,
                         generator=torch.Generator().manual_seed(args.seed + 2))
     batches = np.asarray(res["ess_batches"])
@@ -137,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-dir", type=Path, default=None,
+                    help="write each trained flow as a flowmc checkpoint <point>_<recipe>.pt")
     ap.add_argument("--n-eval", type=int, default=10240, help="final evaluation samples")
     ap.add_argument("--curve-n", type=int, default=1024, help="samples per ESS checkpoint")
     ap.add_argument("--eval-every", type=int, default=0, help="steps between ESS checkpoints")
