@@ -22,7 +22,13 @@ from flowmc import imh
 from flowmc.action import Phi4Action
 from flowmc.autocorr import kish_ess
 
-__all__ = ["evaluate_flow", "draw_samples", "plot_action_vs_effective"]
+__all__ = [
+    "evaluate_flow",
+    "draw_samples",
+    "plot_action_vs_effective",
+    "sign_balance",
+    "needs_symmetrisation",
+]
 
 
 @torch.no_grad()
@@ -122,6 +128,45 @@ def evaluate_flow(
         "n_nonfinite": int((~finite).sum()),
         "_samples": s,
     }
+
+
+@torch.no_grad()
+def sign_balance(
+    proposal: torch.nn.Module, n: int = 4096, *, generator: torch.Generator | None = None
+) -> tuple[float, float]:
+    """Fraction of ``n`` proposal draws with M > 0 and its binomial error (floored at 1/(2n))."""
+    done, pos = 0, 0
+    while done < n:
+        k = min(1024, n - done)
+        phi, _ = proposal.sample(k, generator=generator)
+        pos += int((phi.flatten(1).sum(1) > 0).sum())
+        done += k
+    frac = pos / n
+    return frac, math.sqrt(max(frac * (1 - frac), 0.25 / n) / n)
+
+
+def needs_symmetrisation(
+    flow: torch.nn.Module,
+    action: Phi4Action,
+    *,
+    n: int = 4096,
+    threshold: float = 4.0,
+    generator: torch.Generator | None = None,
+) -> bool:
+    """Whether a trained flow should be sampled through ``Z2SymmetricFlow``.
+
+    True when the action is Z2 symmetric, the flow is not Z2 equivariant (an equivariant flow is
+    already even) and its draws are sign-imbalanced: the fraction with M > 0 is more than
+    ``threshold`` binomial errors from ½, i.e. the flow (nearly) misses one of the modes ±φ.
+    Symmetrising is exact for any flow, so a false positive only costs speed.
+    """
+    if not getattr(action, "is_z2_symmetric", False):
+        return False
+    cfg = getattr(flow, "config", None)
+    if cfg is not None and cfg.equivariant:
+        return False
+    frac, err = sign_balance(flow, n, generator=generator)
+    return abs(frac - 0.5) > threshold * err
 
 
 def plot_action_vs_effective(samples: dict, path: str, title: str = "") -> None:

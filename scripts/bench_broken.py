@@ -7,7 +7,7 @@ Nearer the transition than the shipped (8, -4, 1) point: by default L = 16, m2 =
    once *with* the exact global flip (the reference) and once *without* (sign changes of m per
    trajectory measure how rare tunnelling is; the m histogram shows the two modes).
 2. A flow trained by reverse KL with the CLI default for a Z2-symmetric action
-   (``default_symmetric``: the symmetrised density q_s = [q(phi) + q(-phi)]/2), the default
+   (trained plain, sampled through q_s = [q(phi) + q(-phi)]/2 when sign-imbalanced), the default
    recipe's architecture (``--recipe``) and a modest step budget (or ``--model`` to reuse a
    checkpoint).
 3. The flow's ESS / acceptance / frac(M > 0) on fresh draws (``evaluate_flow``) and an
@@ -40,7 +40,7 @@ from flowmc import hmc, imh
 from flowmc.action import Phi4Action
 from flowmc.autocorr import gamma_analysis
 from flowmc.checkpoint import load_model, machine_info
-from flowmc.commands.train import default_symmetric
+from flowmc.evaluate import needs_symmetrisation
 from flowmc.evaluate import evaluate_flow
 from flowmc.flow import Z2SymmetricFlow, build_flow
 from flowmc.recipes import get_recipe, override
@@ -128,8 +128,7 @@ def train_flow(
     action: Phi4Action, cfg: dict, seed: int, recipe: str = "default"
 ) -> tuple[torch.nn.Module, dict]:
     flow_cfg, train_cfg = get_recipe(recipe, tuple(action.lattice_shape))
-    symmetric = default_symmetric(action, flow_cfg)
-    train_cfg = override(train_cfg, n_steps=cfg["train_steps"], symmetric=symmetric)
+    train_cfg = override(train_cfg, n_steps=cfg["train_steps"])
     torch.manual_seed(seed)
     flow = build_flow(flow_cfg)
     trainer = Trainer(flow, action, train_cfg, generator=torch.Generator().manual_seed(seed))
@@ -137,6 +136,7 @@ def train_flow(
     flow.eval()
     for p in flow.parameters():
         p.requires_grad_(False)
+    symmetric = needs_symmetrisation(flow, action)  # the train command's rule
     tail = trainer.history["ess"][-50:]
     info = {
         "recipe": recipe, "flow_config": flow_cfg.to_dict(), "train_config": train_cfg.to_dict(),

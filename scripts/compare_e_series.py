@@ -35,8 +35,8 @@ import torch
 from flowmc.action import Phi4Action
 from flowmc.checkpoint import load_checkpoint, load_model, machine_info, save_checkpoint
 from flowmc.commands._common import write_json
-from flowmc.commands.train import default_symmetric
 from flowmc.compare import compare
+from flowmc.evaluate import needs_symmetrisation
 from flowmc.ensemble import open_ensemble
 from flowmc.flow import build_flow
 from flowmc.hmc_run import HMCRunConfig, run_hmc
@@ -111,8 +111,7 @@ def get_flow(name: str, action: Phi4Action, args: argparse.Namespace) -> Path:
     flow_cfg, train_cfg = get_recipe("default", action.lattice_shape)
     if args.quick:
         flow_cfg = override(flow_cfg, n_layers=4)
-    symmetric = default_symmetric(action, flow_cfg)  # the train command's rule
-    train_cfg = override(train_cfg, n_steps=args.train_steps, symmetric=symmetric)
+    train_cfg = override(train_cfg, n_steps=args.train_steps)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     flow = build_flow(flow_cfg).to(device=device, dtype=torch.float32)
@@ -120,6 +119,8 @@ def get_flow(name: str, action: Phi4Action, args: argparse.Namespace) -> Path:
     trainer = Trainer(flow, action, train_cfg, generator=gen)
     print(f"[{name}] training {train_cfg.n_steps} steps (recipe 'default')", flush=True)
     trainer.run(progress=not args.quiet)
+    flow.eval()
+    symmetric = needs_symmetrisation(flow, action)  # the train command's rule
     save_checkpoint(
         path, flow, action, symmetric=symmetric, train_config=train_cfg.to_dict(),
         trainer_state=trainer.state_dict(),

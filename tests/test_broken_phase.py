@@ -37,8 +37,8 @@ from flowmc.action import Phi4Action
 from flowmc.analysis import analyze
 from flowmc.autocorr import derived_gamma, gamma_analysis
 from flowmc.checkpoint import LoadedModel, load_model
-from flowmc.commands.train import default_symmetric
-from flowmc.flow import FlowConfig, Z2SymmetricFlow
+from flowmc.evaluate import needs_symmetrisation
+from flowmc.flow import FlowConfig, Z2SymmetricFlow, build_flow
 from flowmc.sampler import FlowMHConfig, run_flow_mh
 
 MODEL = Path(__file__).resolve().parents[1] / "data" / "phi4_L8_m2-4_lam1.pt"
@@ -111,10 +111,15 @@ def hmc_series() -> np.ndarray:
 
 
 def test_shipped_flow_is_the_cli_default(model: LoadedModel) -> None:
-    """The checkpoint was made by the default path: symmetrised, non-equivariant, right action."""
+    """The checkpoint samples the symmetrised proposal, as the default path decides for it: the
+    underlying flow is collapsed onto one mode, which the automatic sign-balance check detects."""
     assert model.action == Phi4Action(M2, LAM, (L, L))
     assert model.symmetric and isinstance(model.proposal, Z2SymmetricFlow)
-    assert default_symmetric(model.action, FlowConfig((L, L))) is True
+    gen = torch.Generator().manual_seed(0)
+    assert needs_symmetrisation(model.flow, model.action, n=1024, generator=gen) is True
+    # ... and an untrained flow (both signs, by symmetry of its prior) does not need it
+    plain = build_flow(FlowConfig((L, L), n_layers=2, hidden=(4,)))
+    assert needs_symmetrisation(plain, model.action, n=1024, generator=gen) is False
     assert model.path.stat().st_size < 1_000_000
 
 

@@ -92,6 +92,7 @@ def test_cli_train_resume_eval_and_config(tmp_path, capsys):
     assert ck["flow_config"]["n_layers"] == 2 and ck["resolved_config"]["L"] == 4
     assert ck["action"] == {"name": "phi4", "m2": -4.0, "lam": 8.0, "lattice_shape": [4, 4]}
     assert (tmp_path / "m.png").exists()
+    assert ck["symmetric"] is False  # symmetric phase: the trained flow is sign-balanced
     assert main(["train", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", str(out), "--steps", "25", "--quiet"]) == 0

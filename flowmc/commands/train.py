@@ -11,6 +11,7 @@ import torch
 
 from flowmc.checkpoint import load_checkpoint, machine_info, save_checkpoint
 from flowmc.commands._common import action_from_args, add_action_options, make_generator
+from flowmc.evaluate import needs_symmetrisation
 from flowmc.config import (
     add_common_options,
     apply_threads,
@@ -43,9 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--equivariant", action=argparse.BooleanOptionalAction, default=None,
                    help="Z2-equivariant couplings")
     g.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
-                   help="use the Z2-symmetrised density q_s = [q(phi)+q(-phi)]/2 "
-                   "(default: on for a Z2-symmetric action unless --equivariant; see "
-                   "docs/broken-phase.md)")
+                   help="train and sample the Z2-symmetrised density q_s = [q(phi)+q(-phi)]/2. "
+                   "Default: train q, then sample q_s if the trained flow's draws are "
+                   "sign-imbalanced (it misses a mode) for a Z2-symmetric action; see "
+                   "docs/broken-phase.md")
     t = p.add_argument_group("training (overrides the recipe)")
     t.add_argument("--steps", type=int, default=None, help="total optimizer steps")
     t.add_argument("--batch", type=int, default=None, help="batch size")
@@ -153,9 +155,7 @@ def run(args: argparse.Namespace) -> int:
             coupling=args.coupling,
             equivariant=args.equivariant,
         )
-        symmetric = (
-            default_symmetric(action, flow_cfg) if args.symmetric is None else bool(args.symmetric)
-        )
+        symmetric = bool(args.symmetric)  # training objective; None (auto) trains plain q
         train_cfg = override(
             train_cfg,
             n_steps=args.steps,
@@ -172,12 +172,14 @@ def run(args: argparse.Namespace) -> int:
         config_record = resolved(args)
     t_start = time.perf_counter()
 
+    sample_symmetric = train_cfg.symmetric
+
     def save(tr: Trainer) -> None:
         save_checkpoint(
             out,
             tr.flow,
             action,
-            symmetric=train_cfg.symmetric,
+            symmetric=sample_symmetric,
             train_config=train_cfg.to_dict(),
             trainer_state=tr.state_dict(),
             resolved_config=config_record,
@@ -191,6 +193,13 @@ def run(args: argparse.Namespace) -> int:
         )
 
     trainer.run(progress=not args.quiet, callback=save, callback_every=args.checkpoint_every)
+    auto = args.symmetric is None and not (args.resume and sample_symmetric)
+    if auto:
+        flow.eval()
+        sample_symmetric = sample_symmetric or needs_symmetrisation(
+            flow, action, generator=make_generator(args.seed + 1, device)
+        )
+        flow.train()
     save(trainer)
     h = trainer.history
     tail = slice(-100, None)
@@ -204,17 +213,8 @@ def run(args: argparse.Namespace) -> int:
         f"  last-100 mean: F_q = {mean(h['loss'][tail]):.4f} (>= -log Z), "
         f"batch ESS = {mean(h['ess'][tail]):.3f}; skipped non-finite steps: "
         f"{trainer.skipped_steps}\n"
+        f"  proposal: {'Z2-symmetrised q_s' if sample_symmetric else 'q'}"
+        f"{' (auto: the flow is sign-imbalanced)' if auto and sample_symmetric else ''}\n"
         f"  checkpoint: {out}\n  curve: {plot_path}"
     )
     return 0
-
-
-def default_symmetric(action, flow_cfg: FlowConfig) -> bool:  # noqa: ANN001
-    """Whether to train and sample with the Z2-symmetrised density q_s = [q(phi) + q(-phi)]/2.
-
-    On whenever the action is Z2 symmetric, so sampling reaches both modes +-phi without user
-    action (exact for any flow; see docs/broken-phase.md) -- except for a Z2-equivariant flow,
-    whose density is already even, q(-phi) = q(phi), so q_s = q and symmetrising would only
-    double the cost.
-    """
-    return bool(getattr(action, "is_z2_symmetric", False)) and not flow_cfg.equivariant
