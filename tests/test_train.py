@@ -92,7 +92,7 @@ def test_cli_train_resume_eval_and_config(tmp_path, capsys):
     assert ck["flow_config"]["n_layers"] == 2 and ck["resolved_config"]["L"] == 4
     assert ck["action"] == {"name": "phi4", "m2": -4.0, "lam": 8.0, "lattice_shape": [4, 4]}
     assert (tmp_path / "m.png").exists()
-    assert ck["symmetric"] is False  # symmetric phase: the trained flow is sign-balanced
+    assert isinstance(ck["symmetric"], bool)  # decided by the sign-balance check
     assert main(["train", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", str(out), "--steps", "25", "--quiet"]) == 0
@@ -119,3 +119,17 @@ def test_cli_errors_name_the_parameter(tmp_path, capsys):
     assert "even lattice" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "missing.pt")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_sign_balance_decides_symmetrisation_of_shipped_flows():
+    """The symmetric-phase flow is balanced (sampled plainly); the broken-phase flow is not."""
+    from pathlib import Path
+
+    from flowmc.evaluate import needs_symmetrisation
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    gen = torch.Generator().manual_seed(0)
+    for name, expected in [("phi4_L8_m2-4_lam8.pt", False), ("phi4_L8_m2-4_lam1.pt", True)]:
+        model = load_model(data / name)
+        assert needs_symmetrisation(model.flow, model.action, generator=gen) is expected, name
+        assert model.symmetric is expected
