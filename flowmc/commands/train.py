@@ -40,7 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--hidden", type=str, default=None, help="hidden channels, e.g. 8,8")
     g.add_argument("--kernel", type=int, default=None, help="odd conv kernel size")
     g.add_argument("--activation", default=None, help="leaky_relu, tanh, gelu, silu, relu")
-    g.add_argument("--coupling", default=None, help="coupling type (affine, ...)")
+    g.add_argument("--coupling", default=None, help="coupling type: affine or spline")
+    g.add_argument("--prior-sigma", type=float, default=None, help="prior standard deviation")
+    g.add_argument("--bins", type=int, default=None, help="spline bins (coupling spline)")
+    g.add_argument("--spline-bound", type=float, default=None,
+                   help="spline interval [-B, B]; identity outside (coupling spline)")
     g.add_argument("--equivariant", action=argparse.BooleanOptionalAction, default=None,
                    help="Z2-equivariant couplings")
     g.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
@@ -154,7 +158,14 @@ def run(args: argparse.Namespace) -> int:
             activation=args.activation,
             coupling=args.coupling,
             equivariant=args.equivariant,
+            prior_sigma=args.prior_sigma,
         )
+        extra = dict(flow_cfg.extra)
+        if args.bins is not None:
+            extra["n_bins"] = args.bins
+        if args.spline_bound is not None:
+            extra["spline_bound"] = args.spline_bound
+        flow_cfg = override(flow_cfg, extra=extra)
         symmetric = bool(args.symmetric)  # training objective; None (auto) trains plain q
         train_cfg = override(
             train_cfg,
