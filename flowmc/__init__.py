@@ -5,10 +5,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from flowmc.action import FreeTheory, Phi4Action, hopping_to_standard, standard_to_hopping
-from flowmc.flow import Flow, FlowConfig, Z2SymmetricFlow, build_flow
 from flowmc.autocorr import AutocorrError, gamma_analysis, kish_ess
 from flowmc.checkpoint import load_model
 from flowmc.ensemble import open_ensemble
+from flowmc.flow import Flow, FlowConfig, Z2SymmetricFlow, build_flow
 from flowmc.interop import to_inference_data
 from flowmc.prior import GaussianPrior
 

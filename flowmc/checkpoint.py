@@ -92,7 +92,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not ours"
-        raise ValueError(f"{path} is not a readable flowmc checkpoint ({exc.__class__.__name__})")
+        raise ValueError(
+            f"{path} is not a readable flowmc checkpoint ({exc.__class__.__name__})"
+        ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a flowmc checkpoint (missing format '{FORMAT}')")
     if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:

@@ -40,8 +40,7 @@ from flowmc import hmc, imh
 from flowmc.action import Phi4Action
 from flowmc.autocorr import gamma_analysis
 from flowmc.checkpoint import load_model, machine_info
-from flowmc.evaluate import needs_symmetrisation
-from flowmc.evaluate import evaluate_flow
+from flowmc.evaluate import evaluate_flow, needs_symmetrisation
 from flowmc.flow import Z2SymmetricFlow, build_flow
 from flowmc.recipes import get_recipe, override
 from flowmc.train import Trainer

@@ -36,8 +36,8 @@ from flowmc.action import Phi4Action
 from flowmc.checkpoint import load_checkpoint, load_model, machine_info, save_checkpoint
 from flowmc.commands._common import write_json
 from flowmc.compare import compare
-from flowmc.evaluate import needs_symmetrisation
 from flowmc.ensemble import open_ensemble
+from flowmc.evaluate import needs_symmetrisation
 from flowmc.flow import build_flow
 from flowmc.hmc_run import HMCRunConfig, run_hmc
 from flowmc.recipes import get_recipe, override

@@ -11,7 +11,6 @@ import torch
 
 from flowmc.checkpoint import load_checkpoint, machine_info, save_checkpoint
 from flowmc.commands._common import action_from_args, add_action_options, make_generator
-from flowmc.evaluate import needs_symmetrisation
 from flowmc.config import (
     add_common_options,
     apply_threads,
@@ -19,6 +18,7 @@ from flowmc.config import (
     resolve_dtype,
     resolved,
 )
+from flowmc.evaluate import needs_symmetrisation
 from flowmc.flow import FlowConfig, build_flow
 from flowmc.recipes import RECIPES, get_recipe, override
 from flowmc.train import TrainConfig, Trainer
