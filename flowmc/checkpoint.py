@@ -19,6 +19,7 @@ A checkpoint is a ``torch.save`` dict of plain Python values and tensors (loadab
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 from pathlib import Path
@@ -59,6 +60,10 @@ def save_checkpoint(
     """Write a checkpoint atomically (temporary file, then rename)."""
     if flow.config is None:
         raise ValueError("Expected a flow built by build_flow (flow.config is None)")
+
+    def plain(x: dict | None) -> dict:  # JSON types only, so torch.load(weights_only=True) works
+        return json.loads(json.dumps(x or {}, default=str))
+
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -67,10 +72,10 @@ def save_checkpoint(
         "model_state": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
         "action": action.params(),
         "symmetric": bool(symmetric),
-        "train_config": train_config or {},
+        "train_config": plain(train_config),
         "trainer_state": trainer_state,
-        "resolved_config": resolved_config or {},
-        "meta": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(), **(meta or {})},
+        "resolved_config": plain(resolved_config),
+        "meta": plain({"created": _dt.datetime.now(_dt.timezone.utc).isoformat(), **(meta or {})}),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

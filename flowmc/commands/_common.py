@@ -59,6 +59,41 @@ def action_from_args(args: argparse.Namespace) -> Phi4Action:
     return Phi4Action(args.m2, args.lam, shape)
 
 
+def add_ensemble_options(p: argparse.ArgumentParser) -> None:
+    """Options of every command that writes an HDF5 ensemble (flowmc sample, flowmc hmc)."""
+    p.add_argument("--n", type=int, default=None, help="configurations per chain (target)")
+    p.add_argument("--out", type=Path, default=None, help="ensemble file (.h5)")
+    p.add_argument("--chains", type=int, default=1, help="independent chains (default 1)")
+    p.add_argument("--resume", action="store_true", help="continue --out to the new --n")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--no-configs", action="store_true", help="store per-config scalars only")
+    p.add_argument("--store-dtype", choices=["float32", "float64"], default="float32",
+                   help="storage dtype of configurations")
+    p.add_argument("--compression", choices=["none", "gzip", "lzf"], default="none")
+    p.add_argument("--json", type=Path, default=None, help="write the run summary as JSON")
+
+
+def storage_kwargs(args: argparse.Namespace, command: str) -> dict:
+    """Keyword arguments for run_flow_mh / run_hmc from :func:`add_ensemble_options`."""
+    import shlex
+    import sys
+
+    from flowmc.config import resolved
+
+    if args.n is None or args.out is None:
+        raise ValueError("--n and --out are required")
+    return {
+        "resume": args.resume,
+        "force": args.force,
+        "store_configs": not args.no_configs,
+        "config_dtype": args.store_dtype,
+        "compression": None if args.compression == "none" else args.compression,
+        "progress": not args.quiet,
+        "meta": {"resolved_config": resolved(args)},
+        "command_line": shlex.join(["flowmc", command, *sys.argv[2:]]),
+    }
+
+
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 

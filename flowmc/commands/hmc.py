@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
-from pathlib import Path
 
-from flowmc.commands._common import action_from_args, add_action_options, write_json
-from flowmc.config import add_common_options, apply_threads, resolve_device, resolve_dtype, resolved
+from flowmc.commands._common import (
+    action_from_args,
+    add_action_options,
+    add_ensemble_options,
+    storage_kwargs,
+    write_json,
+)
+from flowmc.config import add_common_options, apply_threads, resolve_device, resolve_dtype
 from flowmc.hmc_run import START_KINDS, HMCRunConfig, run_hmc
 
 
@@ -25,9 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common_options(p)
     p.set_defaults(dtype="float64")  # Delta H is a difference of extensive numbers
     add_action_options(p)
-    p.add_argument("--n", type=int, default=None, help="configurations per chain (target)")
-    p.add_argument("--out", type=Path, default=None, help="ensemble file (.h5)")
-    p.add_argument("--chains", type=int, default=1, help="independent chains (default 1)")
+    add_ensemble_options(p)
     p.add_argument("--traj-length", type=float, default=1.0,
                    help="trajectory length tau (default 1)")
     p.add_argument("--integrator", choices=["omelyan", "leapfrog"], default="omelyan",
@@ -44,20 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="initial fields: cold = 0 (default), random = iid N(0,1) (hot)")
     p.add_argument("--chunk", type=int, default=100,
                    help="recorded configurations per commit to the file (default 100)")
-    p.add_argument("--resume", action="store_true", help="continue --out to the new --n")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    p.add_argument("--no-configs", action="store_true", help="store per-config scalars only")
-    p.add_argument("--store-dtype", choices=["float32", "float64"], default="float32",
-                   help="storage dtype of configurations")
-    p.add_argument("--compression", choices=["none", "gzip", "lzf"], default="none")
-    p.add_argument("--json", type=Path, default=None, help="write the run summary as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
-    if args.n is None or args.out is None:
-        raise ValueError("--n and --out are required")
     action = action_from_args(args)
     cfg = HMCRunConfig(
         n=args.n,
@@ -77,16 +69,9 @@ def run(args: argparse.Namespace) -> int:
         action,
         args.out,
         cfg,
-        resume=args.resume,
-        force=args.force,
-        store_configs=not args.no_configs,
-        config_dtype=args.store_dtype,
-        compression=None if args.compression == "none" else args.compression,
-        progress=not args.quiet,
-        meta={"resolved_config": resolved(args)},
-        command_line=shlex.join(["flowmc", *sys.argv[1:]]),
         device=resolve_device(args.device),
         dtype=resolve_dtype(args.dtype),
+        **storage_kwargs(args, "hmc"),
     )
     warm = (
         f", warm-up {summary['warmup_seconds']:.2f} s" if summary["warmup_seconds"] else ""

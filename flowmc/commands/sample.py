@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
 from flowmc.checkpoint import load_model
-from flowmc.commands._common import default_model_path, write_json
-from flowmc.config import add_common_options, apply_threads, resolve_device, resolve_dtype, resolved
+from flowmc.commands._common import (
+    add_ensemble_options,
+    default_model_path,
+    storage_kwargs,
+    write_json,
+)
+from flowmc.config import add_common_options, apply_threads, resolve_device, resolve_dtype
 from flowmc.sampler import FlowMHConfig, run_flow_mh
 
 
@@ -23,30 +26,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resume continues them to a new --n, bit-identical to an uninterrupted run.",
     )
     add_common_options(p)
+    add_ensemble_options(p)
     p.add_argument("--model", type=Path, default=None, help="flow checkpoint (default: shipped "
                    "flow for L=8, m2=-4, lam=8)")
-    p.add_argument("--n", type=int, default=None, help="configurations per chain (target)")
-    p.add_argument("--out", type=Path, required=False, default=None, help="ensemble file (.h5)")
-    p.add_argument("--chains", type=int, default=1, help="independent chains (default 1)")
     p.add_argument("--batch", type=int, default=1024, help="proposals per chain per flow call")
     p.add_argument("--thin", type=int, default=1, help="record every THIN-th step")
     p.add_argument("--therm", type=int, default=0, help="steps discarded per chain at the start")
-    p.add_argument("--resume", action="store_true", help="continue --out to the new --n")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    p.add_argument("--no-configs", action="store_true", help="store per-config scalars only")
-    p.add_argument("--store-dtype", choices=["float32", "float64"], default="float32",
-                   help="storage dtype of configurations")
-    p.add_argument("--compression", choices=["none", "gzip", "lzf"], default="none")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="override the checkpoint's Z2-symmetrised proposal")
-    p.add_argument("--json", type=Path, default=None, help="write the run summary as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
-    if args.n is None or args.out is None:
-        raise ValueError("--n and --out are required")
+    storage = storage_kwargs(args, "sample")  # validates --n and --out first
     device = resolve_device(args.device)
     model_path = args.model or default_model_path()
     model = load_model(
@@ -60,19 +53,7 @@ def run(args: argparse.Namespace) -> int:
         therm=args.therm,
         seed=args.seed,
     )
-    summary = run_flow_mh(
-        model,
-        args.out,
-        cfg,
-        resume=args.resume,
-        force=args.force,
-        store_configs=not args.no_configs,
-        config_dtype=args.store_dtype,
-        compression=None if args.compression == "none" else args.compression,
-        progress=not args.quiet,
-        meta={"resolved_config": resolved(args)},
-        command_line=shlex.join(["flowmc", *sys.argv[1:]]),
-    )
+    summary = run_flow_mh(model, args.out, cfg, **storage)
     print(
         f"flow MH: {summary['n']} configs x {summary['chains']} chains -> {summary['path']}\n"
         f"  acceptance {summary['acceptance']:.4f}, longest rejection run "
