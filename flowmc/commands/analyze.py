@@ -10,6 +10,7 @@ import numpy as np
 
 from flowmc.analysis import SCALAR_KEYS, analyze
 from flowmc.commands._common import fmt, write_json
+from flowmc.config import add_common_options, apply_threads
 from flowmc.ensemble import open_ensemble
 
 #: Table labels of the scalar observables (JSON key -> printed name).
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(1/2 + sum rho convention) and ESS; acceptance, longest rejection run and Z2 sign "
         "balance, with warnings. Keys of --json are documented in docs/analysis.md.",
     )
+    add_common_options(p)
     p.add_argument("ensemble", type=Path, help="ensemble file (HDF5) from flowmc sample / hmc")
     p.add_argument("--discard", type=int, default=0, help="rows per chain to drop (thermalisation)")
     p.add_argument("--S", type=float, default=1.5, help="Wolff windowing parameter (default 1.5)")
@@ -103,6 +105,7 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     res = analyze(args.ensemble, discard=args.discard, S=args.S, chunk=args.chunk)
     print(format_table(res))
     if args.json:
