@@ -124,25 +124,28 @@ def evaluate_flow(
         "log_z_err": log_z_err,
         "mh_acceptance": float(info.is_accepted.double().mean()),
         "frac_m_positive": pos,
-        "frac_m_positive_err": math.sqrt(max(pos * (1 - pos), 0.25 / n) / n),
+        "frac_m_positive_err": _binomial_error(pos, n),
         "n_nonfinite": int((~finite).sum()),
         "_samples": s,
     }
 
 
-@torch.no_grad()
 def sign_balance(
-    proposal: torch.nn.Module, n: int = 4096, *, generator: torch.Generator | None = None
+    proposal: torch.nn.Module,
+    action: Phi4Action,
+    n: int = 4096,
+    *,
+    generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
     """Fraction of ``n`` proposal draws with M > 0 and its binomial error (floored at 1/(2n))."""
-    done, pos = 0, 0
-    while done < n:
-        k = min(1024, n - done)
-        phi, _ = proposal.sample(k, generator=generator)
-        pos += int((phi.flatten(1).sum(1) > 0).sum())
-        done += k
-    frac = pos / n
-    return frac, math.sqrt(max(frac * (1 - frac), 0.25 / n) / n)
+    m = draw_samples(proposal, action, n, generator=generator)["magnetization"]
+    frac = float(np.mean(m > 0))
+    return frac, _binomial_error(frac, n)
+
+
+def _binomial_error(frac: float, n: int) -> float:
+    """Binomial standard error of a fraction, floored at that of one count in ``2n``."""
+    return math.sqrt(max(frac * (1 - frac), 0.25 / n) / n)
 
 
 def needs_symmetrisation(
@@ -165,7 +168,7 @@ def needs_symmetrisation(
     cfg = getattr(flow, "config", None)
     if cfg is not None and cfg.equivariant:
         return False
-    frac, err = sign_balance(flow, n, generator=generator)
+    frac, err = sign_balance(flow, action, n, generator=generator)
     return abs(frac - 0.5) > threshold * err
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from flowmc.action import Phi4Action
 from flowmc.checkpoint import load_checkpoint, machine_info, save_checkpoint
 from flowmc.commands._common import action_from_args, add_action_options, make_generator
 from flowmc.config import (
@@ -116,33 +117,28 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out is required (checkpoint path to write)")
     out = Path(args.out)
     gen = make_generator(args.seed, device)
+    hyper = {  # training hyper-parameters given on the command line (None: keep)
+        "n_steps": args.steps,
+        "batch_size": args.batch,
+        "lr": args.lr,
+        "schedule": args.schedule,
+        "grad_clip": args.grad_clip,
+        "estimator": args.estimator,
+    }
     if args.resume:
         ckpt = load_checkpoint(out)
-        from flowmc.action import Phi4Action
-
         action = Phi4Action.from_params(ckpt["action"])
         flow_cfg = FlowConfig.from_dict(ckpt["flow_config"])
         train_cfg = TrainConfig.from_dict(ckpt["train_config"])
         # a resumed run may change the training hyper-parameters (e.g. a second phase with the
         # path-gradient estimator or a larger batch); the flow and the action stay as stored
-        train_cfg = override(
-            train_cfg,
-            n_steps=args.steps,
-            batch_size=args.batch,
-            lr=args.lr,
-            schedule=args.schedule,
-            grad_clip=args.grad_clip,
-            estimator=args.estimator,
-        )
+        train_cfg = override(train_cfg, **hyper)
         symmetric = bool(ckpt.get("symmetric", False))
         flow = build_flow(flow_cfg)
         flow.load_state_dict(ckpt["model_state"])
         flow.to(device=device, dtype=dtype)
         trainer = Trainer(flow, action, train_cfg, generator=gen)
         trainer.load_state_dict(ckpt["trainer_state"])
-        if args.lr is not None:  # the optimizer state carries the old learning rate
-            for group in trainer.optimizer.param_groups:
-                group["lr"] = args.lr
         config_record = {**ckpt.get("resolved_config", {}), "resumed_with": resolved(args)}
         print(f"resuming {out} at step {trainer.step_count} -> {train_cfg.n_steps}", file=sys.stderr)
     else:
@@ -167,16 +163,7 @@ def run(args: argparse.Namespace) -> int:
             extra["spline_bound"] = args.spline_bound
         flow_cfg = override(flow_cfg, extra=extra)
         symmetric = bool(args.symmetric)  # training objective; None (auto) trains plain q
-        train_cfg = override(
-            train_cfg,
-            n_steps=args.steps,
-            batch_size=args.batch,
-            lr=args.lr,
-            schedule=args.schedule,
-            grad_clip=args.grad_clip,
-            estimator=args.estimator,
-            symmetric=symmetric,
-        )
+        train_cfg = override(train_cfg, symmetric=symmetric, **hyper)
         torch.manual_seed(args.seed)  # parameter initialisation
         flow = build_flow(flow_cfg).to(device=device, dtype=dtype)
         trainer = Trainer(flow, action, train_cfg, generator=gen)
