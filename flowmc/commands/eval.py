@@ -66,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
     balance = abs(res["frac_m_positive"] - 0.5) / res["frac_m_positive_err"]
     if model.action.is_z2_symmetric and balance > 4:
         lines.append(
-            f"WARNING: the target is Z2 symmetric but the flow's sign balance is off by "
-            f"{balance:.1f} sigma: the flow (nearly) misses one of the modes +-phi. MH with it "
-            "stays exact in principle but may never visit the missed mode in practice: sample "
-            "with the symmetrised proposal (--symmetric)."
+            f"WARNING: the target is Z2 symmetric but the flow's draws are sign-imbalanced: "
+            f"frac(M > 0) = {res['frac_m_positive']:.4f}, {balance:.1f} sigma from 1/2. MH stays "
+            "exact, but a flow that (nearly) misses a mode may never visit it in practice: "
+            "sample with the symmetrised proposal (--symmetric), which is exactly even."
         )
     print("\n".join(lines))
     if args.json:
