@@ -52,25 +52,11 @@ RECIPES: dict[str, dict] = {
             "grad_clip": 10.0,
         },
     },
-    "large": {
-        "flow": {
-            "n_layers": 8,
-            "hidden": (32, 32),
-            "kernel_size": 3,
-            "activation": "leaky_relu",
-            "coupling": "spline",
-            "prior_sigma": 0.5,
-            "extra": {"n_bins": 8, "spline_bound": 2.5},
-        },
-        "train": {
-            "n_steps": 2000,
-            "batch_size": 256,
-            "lr": 2e-3,
-            "schedule": "cosine",
-            "lr_min_factor": 0.02,
-            "grad_clip": 10.0,
-        },
-    },
+}
+# "large" (E5, L=14): the default with wider, deeper conditioners and a smaller lr
+RECIPES["large"] = {
+    "flow": {**RECIPES["default"]["flow"], "n_layers": 8, "hidden": (32, 32)},
+    "train": {**RECIPES["default"]["train"], "n_steps": 2000, "lr": 2e-3},
 }
 
 
