@@ -258,6 +258,9 @@ def run_hmc(
                 "action": action.params(),
                 "sampler": stored,
                 "seed": config.seed,
+                "store_configs": store_configs,
+                "config_dtype": config_dtype,
+                "compression": compression,
             },
         )
         try:

@@ -155,6 +155,9 @@ def run_flow_mh(
                 "sampler": sampler,
                 "model_sha256": sha,
                 "seed": config.seed,
+                "store_configs": store_configs,
+                "config_dtype": config_dtype,
+                "compression": compression,
             },
         )
         arrays, attrs = writer.load_state()

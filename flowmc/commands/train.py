@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 
 from flowmc.action import Phi4Action
-from flowmc.checkpoint import load_checkpoint, machine_info, save_checkpoint
+from flowmc.checkpoint import claim_output, load_checkpoint, machine_info, save_checkpoint
 from flowmc.commands._common import action_from_args, add_action_options, make_generator
 from flowmc.config import (
     add_common_options,
     apply_threads,
+    int_list,
     resolve_device,
     resolve_dtype,
     resolved,
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="base recipe")
     g = p.add_argument_group("flow (overrides the recipe)")
     g.add_argument("--layers", type=int, default=None, help="number of coupling layers")
-    g.add_argument("--hidden", type=str, default=None, help="hidden channels, e.g. 8,8")
+    g.add_argument("--hidden", type=int_list, default=None, help="hidden channels, e.g. 8,8")
     g.add_argument("--kernel", type=int, default=None, help="odd conv kernel size")
     g.add_argument("--activation", default=None, help="leaky_relu, tanh, gelu, silu, relu")
     g.add_argument("--coupling", default=None, help="coupling type: affine or spline")
@@ -111,10 +112,17 @@ def plot_history(history: dict, path: Path, title: str = "") -> None:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype)
     if args.out is None:
         raise ValueError("--out is required (checkpoint path to write)")
+    # --out is ours for the whole run: a second train of the same --out fails at once, and
+    # --force replaces only a flowmc checkpoint (never a directory, device, link or other data)
+    with claim_output(Path(args.out), force=args.force, resume=args.resume):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
     out = Path(args.out)
     gen = make_generator(args.seed, device)
     hyper = {  # training hyper-parameters given on the command line (None: keep)
@@ -126,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         "estimator": args.estimator,
     }
     if args.resume:
-        ckpt = load_checkpoint(out)
+        ckpt = load_checkpoint(out, require_trainer_state=True)
         action = Phi4Action.from_params(ckpt["action"])
         flow_cfg = FlowConfig.from_dict(ckpt["flow_config"])
         train_cfg = TrainConfig.from_dict(ckpt["train_config"])
@@ -140,10 +148,9 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(flow, action, train_cfg, generator=gen)
         trainer.load_state_dict(ckpt["trainer_state"])
         config_record = {**ckpt.get("resolved_config", {}), "resumed_with": resolved(args)}
-        print(f"resuming {out} at step {trainer.step_count} -> {train_cfg.n_steps}", file=sys.stderr)
+        print(f"resuming {out} at step {trainer.step_count} -> {train_cfg.n_steps}",
+              file=sys.stderr)
     else:
-        if out.exists() and not args.force:
-            raise FileExistsError(f"{out} exists; use --force to overwrite or --resume to continue")
         action = action_from_args(args)
         flow_cfg, train_cfg = get_recipe(args.recipe, action.lattice_shape)
         flow_cfg = override(
