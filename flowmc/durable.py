@@ -18,7 +18,7 @@ share four rules, implemented once here (standard library only):
   ``--resume``) fails at once instead of destroying the first one's data.
 * **New files appear complete.** A new file is written under a temporary name
   ``.<name>.tmp-<pid>`` in the same directory and renamed over the final name at its first
-  commit (:func:`publish`), followed by ``fsync`` of the directory. :func:`check_replaceable`
+  commit, followed by ``fsync`` of the directory (:func:`fsync_dir`). :func:`check_replaceable`
   decides whether ``--force`` may replace an existing file: only a regular file that the
   command itself writes (a flowmc ensemble, a flowmc checkpoint), and only if no other process
   holds it.
@@ -54,7 +54,6 @@ __all__ = [
     "check_replaceable",
     "deferred_sigint",
     "fsync_dir",
-    "publish",
     "temp_path",
     "write_atomically",
 ]
@@ -264,13 +263,15 @@ class DurableFile(io.RawIOBase):
         self.fsync_seconds += time.perf_counter() - t0
 
     def check(self) -> None:
-        """Raise the recorded failure, if any."""
+        """Raise (a copy of) the recorded failure, if any."""
         if self.error is not None:
-            raise self.error
+            # a fresh exception: raising the stored one would tie its traceback (and every
+            # frame on it) to this object in a reference cycle
+            raise OSError(*self.error.args)
 
     def _fail(self, exc: OSError) -> None:
         if self.error is None:
-            self.error = exc
+            self.error = exc.with_traceback(None)  # no cycle through our own frame
 
     def close(self) -> None:
         if self._fd is not None:
@@ -314,12 +315,6 @@ def write_atomically(path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path)
-
-
-def publish(tmp: str, path: str) -> None:
-    """Rename the complete temporary file ``tmp`` to ``path`` (atomically) and make it durable."""
-    os.replace(tmp, path)
     fsync_dir(path)
 
 

@@ -319,12 +319,41 @@ def _validate_root_unchecked(f: h5py.File, path: str) -> dict[str, Any]:
         dataset(name, None)
         if f[name].ndim != 1:
             raise bad(f"dataset {name!r} must be 1-D; got shape {f[name].shape}")
-    if f["chunks/end"].shape != f["chunks/wall_time"].shape:
-        raise bad("datasets 'chunks/end' and 'chunks/wall_time' differ in length")
+    k = _committed_chunks(f["chunks/end"], n, path)
+    if f["chunks/wall_time"].shape[0] < k:
+        raise bad(f"dataset 'chunks/wall_time' has {f['chunks/wall_time'].shape[0]} entries but "
+                  f"{k} chunks are committed")
+    attrs["_n_chunks"] = k
     state = f.get("state")
     if state is not None and not isinstance(state, h5py.Group):
         raise bad("'state' is not a group")
     return attrs
+
+
+def _committed_chunks(end: h5py.Dataset, n: int, path: str) -> int:
+    """The number ``k`` of committed entries of ``chunks/end``: entry ``k - 1`` equals ``n``.
+
+    Entries beyond the committed ones belong to an interrupted append (their value is larger
+    than ``n``, or a fill value, or unreadable after a write failure), so the committed count is
+    found as the first entry equal to ``n``, not by a search that assumes sorted values.
+    """
+    if n == 0:
+        return 0
+    try:
+        ends = end[()]
+    except (OSError, RuntimeError):  # an interrupted append left an unreadable tail
+        ends = None
+    if ends is not None:
+        hits = np.flatnonzero(ends == n)
+        if hits.size:
+            return int(hits[0]) + 1
+    else:
+        for i in range(end.shape[0]):
+            if int(end[i]) == n:
+                return i + 1
+    raise ValueError(
+        f"{path!r}: no entry of 'chunks/end' equals n = {n} (corrupt or hand-edited file?)"
+    )
 
 
 def _valid_slot(f: h5py.File, n: int) -> h5py.Group | None:
@@ -361,6 +390,10 @@ def _read_slot(g: h5py.Group | None, path: str) -> tuple[dict[str, np.ndarray], 
     return arrays, attrs
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 def _os_error(message: str, errno: int | None) -> OSError:
     """An ``OSError`` whose ``str`` is ``message`` alone, keeping ``errno`` for callers."""
     err = OSError(message)
@@ -392,6 +425,102 @@ def _identify_ensemble(path: str) -> str | None:
     if fmt != FORMAT:
         return "it has no 'format' attribute" if fmt is None else f"its 'format' is {fmt!r}"
     return None
+
+
+def _open_for_update(path: str, mode: str) -> tuple[durable.DurableFile, h5py.File, dict]:
+    """Open ``path`` through a locked :class:`~flowmc.durable.DurableFile` and validate it."""
+    fio = durable.DurableFile(path, create=False)
+    f = None
+    try:
+        if os.pread(fio.fileno(), len(_HDF5_SIGNATURE), 0) != _HDF5_SIGNATURE:
+            raise ValueError(f"{path!r} is not a flowmc ensemble: it is not an HDF5 file")
+        try:
+            f = h5py.File(fio, mode, rdcc_nbytes=_CHUNK_CACHE_BYTES)
+        except OSError as e:
+            raise ValueError(
+                f"{path!r} is not a readable flowmc ensemble: HDF5 cannot open it "
+                f"(corrupt or truncated file?): {e}"
+            ) from e
+        return fio, f, _validate_root(f, path)
+    except BaseException:
+        if f is not None:
+            with contextlib.suppress(Exception):
+                f.close()
+        fio.close()
+        raise
+
+
+def _rebuild(src: h5py.File, path: str, attrs: dict[str, Any]) -> None:
+    """Copy the committed part of ``src`` (rows, chunks, state) into a new file over ``path``.
+
+    The copy is written as ``.<name>.tmp-<pid>``, made durable and renamed over ``path``; on
+    any failure ``path`` is unchanged.
+
+    Raises:
+        OSError: if the copy cannot be written (e.g. the disk is still full).
+    """
+    n, k = int(attrs["n"]), int(attrs["_n_chunks"])
+    tmp = durable.temp_path(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fio = durable.DurableFile(tmp, create=True)
+    try:
+        dst = h5py.File(fio, "w", rdcc_nbytes=_CHUNK_CACHE_BYTES)
+        try:
+            dst.attrs.create("n", np.int64(n))
+            for key, value in src.attrs.items():
+                if key not in ("n", "writing"):
+                    dst.attrs[key] = value
+            dst.attrs["writing"] = np.int64(0)
+            names = (["configs"] if attrs["store_configs"] else []) + [
+                f"scalars/{s}" for s in attrs["scalar_names"]
+            ]
+            for name, rows in [(x, n) for x in names] + [("chunks/end", k),
+                                                         ("chunks/wall_time", k)]:
+                s = src[name]
+                d = dst.create_dataset(
+                    name, shape=(rows, *s.shape[1:]), maxshape=s.maxshape, dtype=s.dtype,
+                    chunks=s.chunks, compression=s.compression,
+                    compression_opts=s.compression_opts, shuffle=s.shuffle,
+                )
+                row_bytes = max(1, s.dtype.itemsize * math.prod(s.shape[1:]))
+                step = max(1, _CHUNK_CACHE_BYTES // 4 // row_bytes)
+                for a in range(0, rows, step):
+                    d[a : min(rows, a + step)] = s[a : min(rows, a + step)]
+                fio.check()
+            state = dst.create_group("state")
+            committed = _valid_slot(src, n)
+            for slot in _SLOTS:
+                g = state.create_group(slot)
+                if slot == _SLOTS[0] and committed is not None:
+                    for key, ds in committed.items():
+                        g.create_dataset(key, data=ds[()])
+                    for key in ("n", "seq", "attrs_json"):
+                        g.attrs[key] = committed.attrs[key]
+                else:
+                    g.attrs.create("n", np.int64(-1))
+                    g.attrs.create("seq", np.int64(-1))
+                    g.attrs["attrs_json"] = "{}"
+            dst.flush()
+            fio.check()
+        finally:
+            dst.close()
+        fio.sync()
+        fio.check()
+        fio.close()
+        os.replace(tmp, path)
+        durable.fsync_dir(path)
+    except BaseException as exc:
+        fio.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _os_error(
+                f"Cannot resume {path!r}: it was not closed cleanly, and copying its committed "
+                f"part (n = {n} rows per chain) into a fresh file failed: "
+                f"{exc.strerror or exc}; the file is unchanged", exc.errno,
+            ) from None
+        raise
 
 
 #: Per path, the committed ``n`` and whether the file got its final name, of the last writer
@@ -440,9 +569,10 @@ class EnsembleWriter:
         self._force = force
         self._commit_written = False  # within a transaction: the commit record was written
         self._keep_tmp = False  # publishing failed: keep the temporary file (it has a commit)
-        self._failure: BaseException | None = None
+        self._failure: str | None = None  # what made a write fail
         self.path = path
         self._n = int(attrs["n"])
+        self._k = int(attrs.pop("_n_chunks"))  # committed entries of chunks/*
         self.lattice_shape: tuple[int, ...] = tuple(attrs["lattice_shape"])
         self.n_chains = int(attrs["n_chains"])
         self.scalar_names: tuple[str, ...] = tuple(attrs["scalar_names"])
@@ -589,6 +719,7 @@ class EnsembleWriter:
             a["store_configs"] = np.bool_(store_configs)
             a["config_dtype"] = config_dtype
             a["compression"] = compression or ""
+            a["writing"] = np.int64(1)  # 0 only after a clean close (see resume)
 
             rows = int(chunk_size)
             if store_configs:
@@ -640,7 +771,7 @@ class EnsembleWriter:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
             lock.release()
-            if isinstance(exc, OSError) and fio is not None and fio.error is exc:
+            if isinstance(exc, OSError) and fio is not None and fio.error is not None:
                 raise _os_error(
                     f"Cannot create ensemble {path!r}: {exc.strerror or exc}; nothing was "
                     "written", exc.errno
@@ -686,17 +817,7 @@ class EnsembleWriter:
         lock = durable.NameLock(path).acquire()
         fio = f = None
         try:
-            fio = durable.DurableFile(path, create=False)
-            if os.pread(fio.fileno(), len(_HDF5_SIGNATURE), 0) != _HDF5_SIGNATURE:
-                raise ValueError(f"{path!r} is not a flowmc ensemble: it is not an HDF5 file")
-            try:
-                f = h5py.File(fio, "r+", rdcc_nbytes=_CHUNK_CACHE_BYTES)
-            except OSError as e:
-                raise ValueError(
-                    f"{path!r} is not a readable flowmc ensemble: HDF5 cannot open it "
-                    f"(corrupt or truncated file?): {e}"
-                ) from e
-            attrs = _validate_root(f, path)
+            fio, f, attrs = _open_for_update(path, "r")
             for key, given in expect.items():
                 stored = attrs.get(key)
                 if key == "lattice_shape":
@@ -719,7 +840,16 @@ class EnsembleWriter:
                     f"{attrs['n']}; left by a run that stopped before its first commit, from an "
                     "older flowmc); start it again with --force"
                 )
+            if attrs.get("writing", 1) != 0:
+                # Not closed cleanly (crash, kill, write failure): HDF5 structures outside the
+                # committed part may be half written, and changing them in place can fail or
+                # crash HDF5. Copy the committed part into a fresh file instead.
+                _rebuild(f, path, attrs)
+            f.close()
+            fio.close()
+            fio, f, attrs = _open_for_update(path, "r+")
             writer = cls(f, fio, path, attrs, lock=lock)
+            writer._mark_writing()
             writer._truncate()
             return writer
         except BaseException:
@@ -786,10 +916,10 @@ class EnsembleWriter:
             try:
                 yield f
             except OSError as exc:
-                self._failure = exc
+                self._failure = _one_line(exc)  # text only: no reference cycle via traceback
                 raise self._write_error(exc, n_new) from None
             except BaseException as exc:
-                self._failure = exc
+                self._failure = _one_line(exc)
                 raise
 
     def _write_error(self, exc: OSError, n_new: int | None) -> OSError:
@@ -813,6 +943,12 @@ class EnsembleWriter:
             )
         return _os_error(msg, exc.errno)
 
+    def _mark_writing(self) -> None:
+        """Set the root flag ``writing = 1`` (durably) before changing a file in place."""
+        with self._writing():
+            self._file().attrs.modify("writing", np.int64(1))
+            self._sync()
+
     def _truncate(self) -> None:
         """Cut every dataset back to the committed ``n`` rows (and committed chunks)."""
         with self._writing():
@@ -823,8 +959,7 @@ class EnsembleWriter:
             for name in names:
                 if self._ds[name].shape[0] != n:
                     self._ds[name].resize(n, axis=0)
-            ends = self._ds["chunks/end"][()]
-            k = int(np.searchsorted(ends, n, side="right")) if len(ends) else 0
+            k = self._k
             for name in ("chunks/end", "chunks/wall_time"):
                 if self._ds[name].shape[0] != k:
                     self._ds[name].resize(k, axis=0)
@@ -921,7 +1056,7 @@ class EnsembleWriter:
             self._io.check()
             # 2. chunk timing
             end, wt = self._ds["chunks/end"], self._ds["chunks/wall_time"]
-            nk = int(np.searchsorted(end[()], n_old, side="right")) if end.shape[0] else 0
+            nk = self._k
             for ds, value in ((end, n_new), (wt, wall_time)):
                 ds.resize(nk + 1, axis=0)
                 ds[nk] = value
@@ -932,7 +1067,7 @@ class EnsembleWriter:
             self._commit_written = True
             f.attrs.modify("n", np.int64(n_new))
             self._sync()
-            self._n = n_new
+            self._n, self._k = n_new, nk + 1
             self._publish()
 
     def save_state(self, state: Mapping[str, Any], attrs: Mapping[str, Any] | None = None) -> None:
@@ -960,16 +1095,17 @@ class EnsembleWriter:
         if self._tmp is None:
             return
         try:
-            check_output(self.path, force=self._force)
-            durable.publish(self._tmp, self.path)
+            check_output(self.path, force=self._force)  # (a non-flowmc process may interfere)
+            os.replace(self._tmp, self.path)  # atomic; replaces an old ensemble under --force
         except OSError as e:
             self._keep_tmp = True
-            raise type(e)(
-                f"Cannot give the new ensemble its name {self.path!r}: {e}; its first commit "
-                f"(n = {self._n} rows per chain) is kept in {self._tmp!r}"
+            raise _os_error(
+                f"Cannot give the new ensemble its name {self.path!r}: {e.strerror or e}; its "
+                f"first commit (n = {self._n} rows per chain) is kept in {self._tmp!r}", e.errno
             ) from None
         self._tmp = None
         self._io.path = self.path
+        durable.fsync_dir(self.path)  # make the new name durable
 
     def _check_state(
         self, state: Mapping[str, Any], attrs: Mapping[str, Any] | None
@@ -1041,6 +1177,16 @@ class EnsembleWriter:
         f, self._f = self._f, None
         problem: BaseException | None = None
         try:
+            if self._failure is None and self._io.error is None and self._tmp is None:
+                try:  # everything is on disk; only then declare the file clean
+                    f.flush()
+                    self._io.sync()
+                    self._io.check()
+                    f.attrs.modify("writing", np.int64(0))
+                    f.flush()
+                    self._io.sync()
+                except Exception as e:  # noqa: BLE001 - reported below
+                    problem = e
             try:
                 f.close()
             except Exception as e:  # noqa: BLE001 - reported below
@@ -1055,9 +1201,11 @@ class EnsembleWriter:
             self._lock.release()
             _LAST_COMMIT[os.path.abspath(self.path)] = (self._n, self._tmp is None)
         if problem is not None and self._failure is None and self._tmp is None:
-            raise OSError(
-                f"Closing ensemble {self.path!r} failed: {problem}; its last commit (n = "
-                f"{self._n} rows per chain) was already on disk"
+            raise _os_error(
+                f"Closing ensemble {self.path!r} failed: "
+                f"{getattr(problem, 'strerror', None) or problem}; its last commit (n = "
+                f"{self._n} rows per chain) was already on disk",
+                getattr(problem, "errno", None),
             )
 
     def __enter__(self) -> EnsembleWriter:
@@ -1065,6 +1213,13 @@ class EnsembleWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        # Safety net for a caller that lost an open writer on an error path: remove the
+        # temporary file and release the name (nothing committed is touched).
+        if getattr(self, "_f", None) is not None:
+            with contextlib.suppress(Exception):
+                self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"n={self._n}"
@@ -1185,6 +1340,7 @@ class Ensemble:
             self._f = None
             raise
         a = self.attrs
+        self._k = int(a.pop("_n_chunks"))
         self.n: int = a["n"]
         self.n_chains: int = int(a["n_chains"])
         self.lattice_shape: tuple[int, ...] = a["lattice_shape"]
@@ -1250,8 +1406,7 @@ class Ensemble:
         return self._file()["chunks/end"][: self._n_chunks()]
 
     def _n_chunks(self) -> int:
-        ends = self._file()["chunks/end"][()]
-        return int(np.searchsorted(ends, self.n, side="right")) if len(ends) else 0
+        return self._k
 
     @property
     def has_state(self) -> bool:
