@@ -23,10 +23,15 @@ share four rules, implemented once here (standard library only):
   command itself writes (a flowmc ensemble, a flowmc checkpoint), and only if no other process
   holds it.
 
+* **A full disk is found before a commit writes anything.** :meth:`DurableFile.reserve`
+  allocates (``posix_fallocate``) generously more than a commit will write before it starts,
+  so that ``ENOSPC`` hits there, leaving the file untouched and consistent, and not in the
+  middle of HDF5's flush.
+
 Fault injection: tests set :attr:`DurableFile.fault_hook` to a callable ``hook(op, path,
-nbytes)`` that is called before every low-level ``"write"``, ``"truncate"`` and ``"fsync"``
-and may raise ``OSError`` (e.g. ``ENOSPC`` on the k-th write), which is then handled exactly
-like a real failure of that system call.
+nbytes)`` that is called before every low-level ``"write"``, ``"truncate"``, ``"fsync"`` and
+``"reserve"`` and may raise ``OSError`` (e.g. ``ENOSPC`` on the k-th write), which is then
+handled exactly like a real failure of that system call.
 """
 
 from __future__ import annotations
@@ -165,6 +170,11 @@ class DurableFile(io.RawIOBase):
         self._shadow_end = 0
         self.n_fsync = 0
         self.fsync_seconds = 0.0
+        # HDF5's end of allocated space, as last announced through truncate(); the file is not
+        # shrunk to it before trim(), so that space reserved by reserve() stays allocated
+        self._eoa = self._high = os.fstat(self._fd).st_size
+        self._reserved = 0
+        self._can_reserve = hasattr(os, "posix_fallocate")
 
     # -- io.RawIOBase protocol (what h5py's fileobj driver calls)
     def readable(self) -> bool:
@@ -229,6 +239,7 @@ class DurableFile(io.RawIOBase):
                     done += k
             except OSError as e:
                 self._fail(e)
+            self._high = max(self._high, self._pos + n)
         if self.error is not None:
             self._shadow.append((self._pos, bytes(mv)))
             self._shadow_end = max(self._shadow_end, self._pos + n)
@@ -236,14 +247,52 @@ class DurableFile(io.RawIOBase):
         return n
 
     def truncate(self, size: int | None = None) -> int:
+        """Set the file's logical end; the file grows at once but shrinks only at :meth:`trim`."""
         size = self._pos if size is None else int(size)
         if self.error is None:
+            self._eoa = size
             try:
-                _hook("truncate", self.path, size)
-                os.ftruncate(self._fileno(), size)
+                if size > os.fstat(self._fileno()).st_size:
+                    _hook("truncate", self.path, size)
+                    os.ftruncate(self._fileno(), size)
             except OSError as e:
                 self._fail(e)
         return size
+
+    def trim(self) -> None:
+        """Shrink the file to HDF5's end of allocated space (drops unused reserved space)."""
+        if self.error is None and os.fstat(self._fileno()).st_size > self._eoa:
+            try:
+                _hook("truncate", self.path, self._eoa)
+                os.ftruncate(self._fileno(), self._eoa)
+            except OSError as e:
+                self._fail(e)
+
+    def reserve(self, nbytes: int) -> None:
+        """Allocate disk blocks for the next ``nbytes`` beyond the file's current end.
+
+        Called before a commit with a generous estimate of what it writes, so that a full disk
+        shows up here, before anything is written, instead of in the middle of HDF5's flush
+        (where a failed write can leave half-updated HDF5 structures). Holes are filled too.
+        Does nothing where ``posix_fallocate`` is unsupported.
+
+        Raises:
+            OSError: e.g. ``ENOSPC``; the file is unchanged and stays usable.
+        """
+        if self.error is not None or not self._can_reserve:
+            return
+        target = max(self._eoa, self._high) + int(nbytes)
+        if target <= self._reserved:
+            return
+        _hook("reserve", self.path, target)
+        try:
+            os.posix_fallocate(self._fileno(), 0, target)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                self._can_reserve = False  # e.g. some network file systems
+                return
+            raise
+        self._reserved = target
 
     def flush(self) -> None:
         """No-op: writes go straight to the OS; durability is :meth:`sync`."""

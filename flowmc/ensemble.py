@@ -90,6 +90,7 @@ _CONFIG_DTYPES = ("float32", "float64")
 _COMPRESSIONS = (None, "gzip", "lzf")
 _SLOTS = ("slot0", "slot1")
 _MAX_CHUNK_BYTES = 4 * 2**20  # cap on one HDF5 chunk of configs
+_RESERVE_SLACK = 256 * 2**10  # metadata a commit may add (index nodes, headers), generously
 _MAX_ATTR_BYTES = 60_000  # compact HDF5 attributes must stay below 64 KiB
 _CHUNK_CACHE_BYTES = 64 * 2**20
 
@@ -905,14 +906,20 @@ class EnsembleWriter:
         self._io.check()
 
     @contextlib.contextmanager
-    def _writing(self, n_new: int | None = None) -> Iterator[h5py.File]:
+    def _writing(self, n_new: int | None = None, reserve: int = 0) -> Iterator[h5py.File]:
         """One write transaction: Ctrl-C held back, any failure poisons the writer.
 
-        ``n_new`` is the ``n`` this transaction commits (for the error message).
+        ``n_new`` is the ``n`` this transaction commits (for the error message); ``reserve``
+        the bytes it may write at most, allocated on disk before it writes anything.
         """
         with durable.deferred_sigint():
             f = self._writable()
             self._commit_written = False
+            try:
+                self._io.reserve(reserve + _RESERVE_SLACK)
+            except OSError as exc:  # nothing written: the file stays consistent
+                self._failure = _one_line(exc)
+                raise self._reserve_error(exc, reserve + _RESERVE_SLACK) from None
             try:
                 yield f
             except OSError as exc:
@@ -921,6 +928,29 @@ class EnsembleWriter:
             except BaseException as exc:
                 self._failure = _one_line(exc)
                 raise
+
+    def _reserve_error(self, exc: OSError, nbytes: int) -> OSError:
+        where = (
+            "nothing was written under that name (start the run again)"
+            if self._tmp is not None
+            else f"the file keeps its last commit (n = {self._n} rows per chain) and is "
+            "consistent; free some space and continue with --resume"
+        )
+        return _os_error(
+            f"Cannot write ensemble {self.path!r}: {exc.strerror or exc} (the next commit "
+            f"needs up to {nbytes / 2**20:.1f} MiB); {where}", exc.errno
+        )
+
+    def _commit_bytes(self, k: int, state: Mapping[str, np.ndarray]) -> int:
+        """Upper bound of the bytes that appending ``k`` rows and ``state`` may allocate."""
+        total = sum(x.nbytes for x in state.values())
+        for name, ds in self._ds.items():
+            if name.startswith("chunks/") or not k:
+                continue
+            rows = ds.chunks[0]
+            new = -(-(self._n + k) // rows) - -(-self._n // rows) + 1
+            total += new * math.prod(ds.chunks) * ds.dtype.itemsize
+        return int(1.25 * total)
 
     def _write_error(self, exc: OSError, n_new: int | None) -> OSError:
         if self._keep_tmp:
@@ -1043,7 +1073,7 @@ class EnsembleWriter:
         state_arrays, attrs_json = self._check_state(state, state_attrs)
 
         n_old, n_new = self._n, self._n + k
-        with self._writing(n_new) as f:
+        with self._writing(n_new, self._commit_bytes(k, state_arrays)) as f:
             # 1. rows (datasets may be longer than n after a failed append: resize, overwrite)
             if cfg is not None:
                 ds = self._ds["configs"]
@@ -1082,7 +1112,7 @@ class EnsembleWriter:
         """
         self._writable()
         state_arrays, attrs_json = self._check_state(state, attrs)
-        with self._writing(self._n):
+        with self._writing(self._n, self._commit_bytes(0, state_arrays)):
             slot = self._write_state(state_arrays, attrs_json, None)
             self._sync()
             self._commit_written = True
@@ -1177,8 +1207,10 @@ class EnsembleWriter:
         f, self._f = self._f, None
         problem: BaseException | None = None
         try:
-            if self._failure is None and self._io.error is None and self._tmp is None:
-                try:  # everything is on disk; only then declare the file clean
+            if self._io.error is None and self._tmp is None:
+                # No write failed, so HDF5's structures are whole (even if a commit was cut
+                # short by another error): flush everything, then declare the file clean.
+                try:
                     f.flush()
                     self._io.sync()
                     self._io.check()
@@ -1191,6 +1223,7 @@ class EnsembleWriter:
                 f.close()
             except Exception as e:  # noqa: BLE001 - reported below
                 problem = e
+            self._io.trim()
             self._io.sync()
             problem = problem or self._io.error
         finally:

@@ -107,12 +107,13 @@ def _stray(directory: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(("op", "code"), [("write", errno.ENOSPC), ("truncate", errno.EFBIG),
-                                          ("fsync", errno.EIO)])
+                                          ("fsync", errno.EIO), ("reserve", errno.ENOSPC)])
 def test_failure_at_every_low_level_operation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str, code: int
 ) -> None:
-    """A failure at the k-th write (or truncate, or fsync) of a whole run, for every k (every
-    other k for writes, to save time; all k pass too): an error is raised, the file is absent
+    """A failure at the k-th write (or truncate, fsync, space reservation) of a whole run, for
+    every k (every other k for writes, to save time; all k pass too): an error is raised, the
+    file is absent
     (failure before the first commit) or opens with its last commit, and resuming completes it
     bit-identically to an uninterrupted run.
 
@@ -123,7 +124,7 @@ def test_failure_at_every_low_level_operation(
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # speed: the kernel's fsync is not tested
     ref = tmp_path / "ref.h5"
     n_ops = _count(op, lambda: _write_run(ref, []))
-    assert n_ops >= {"write": 60, "truncate": 5, "fsync": 8}[op]  # the sweep covers a real run
+    assert n_ops >= {"write": 60, "truncate": 1, "fsync": 8, "reserve": 4}[op]  # a real run
     reference = _dump(ref)
     for k in range(1, n_ops + 1, 2 if op == "write" else 1):
         path = tmp_path / f"{op}{k}.h5"
@@ -155,6 +156,27 @@ def test_failure_at_every_low_level_operation(
         assert _stray(tmp_path) == [], k
         _write_run(path, [])  # resume (or start again) without faults
         assert _dump(path) == reference, k
+
+
+def test_full_disk_is_found_before_a_commit_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Space for a commit is allocated (posix_fallocate) before it writes: a full disk fails
+    there, the file is left whole and marked clean, and --resume continues it in place."""
+    ref, path = tmp_path / "ref.h5", tmp_path / "full.h5"
+    _write_run(ref, [])
+    monkeypatch.setattr(DurableFile, "fault_hook", _fail_at("reserve", 3))  # 2nd append
+    progress: list[int] = []
+    with pytest.raises(OSError, match=rf"needs up to .* MiB\); the file keeps its last commit "
+                                      rf"\(n = {ENDS[0]} rows per chain\) and is consistent"):
+        _write_run(path, progress)
+    monkeypatch.setattr(DurableFile, "fault_hook", None)
+    assert progress == [0, ENDS[0]]
+    with open_ensemble(path) as ens:
+        assert ens.attrs["writing"] == 0  # closed cleanly: resumed in place, not rebuilt
+    inode = path.stat().st_ino
+    _write_run(path, [])
+    assert path.stat().st_ino == inode and _dump(path) == _dump(ref)
 
 
 def test_poisoned_writer_refuses_writes_and_closes_cleanly(
