@@ -210,7 +210,7 @@ def _identify_checkpoint(path: str) -> str | None:
     return None
 
 
-def check_output(path: str | Path, *, force: bool) -> bool:
+def check_output(path: str | Path, *, force: bool, lock_held: bool = False) -> bool:
     """Check that ``flowmc train`` may write a new checkpoint to ``path``.
 
     Without ``force`` the name must be free; with ``force`` only a regular file holding a
@@ -223,7 +223,8 @@ def check_output(path: str | Path, *, force: bool) -> bool:
         FileExistsError: if ``path`` may not be replaced.
     """
     return durable.check_replaceable(
-        str(path), force=force, what="flowmc checkpoint", identify=_identify_checkpoint
+        str(path), force=force, what="flowmc checkpoint", identify=_identify_checkpoint,
+        lock_held=lock_held,
     )
 
 
@@ -241,7 +242,7 @@ def claim_output(path: str | Path, *, force: bool = False, resume: bool = False)
     lock = durable.NameLock(str(path)).acquire()
     try:
         if not resume:
-            check_output(path, force=force)
+            check_output(path, force=force, lock_held=True)
     except BaseException:
         lock.release()
         raise

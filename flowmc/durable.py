@@ -408,13 +408,7 @@ class NameLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                owner = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                os.close(fd)
-                who = f" ({owner})" if owner else ""
-                raise BlockingIOError(
-                    f"{self.path!r} is being written by another flowmc process{who}; wait for "
-                    f"it to finish or choose another output (lock file {self.lock_path!r})"
-                ) from None
+                raise self._busy(fd) from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -430,6 +424,29 @@ class NameLock:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
         return self
+
+    def _busy(self, fd: int) -> BlockingIOError:
+        owner = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        who = f" ({owner})" if owner else ""
+        return BlockingIOError(
+            f"{self.path!r} is being written by another flowmc process{who}; wait for it to "
+            f"finish or choose another output (lock file {self.lock_path!r})"
+        )
+
+    def check_free(self) -> None:
+        """Raise ``BlockingIOError`` if another process holds the lock (without taking it)."""
+        if fcntl is None or self._fd is not None:  # pragma: no cover
+            return
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except OSError:  # no lock file (or none we can open): nobody holds it
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._busy(fd) from None
+        os.close(fd)
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (idempotent)."""
@@ -480,6 +497,7 @@ def check_replaceable(
     what: str,
     identify: Callable[[str], str | None],
     resume_hint: bool = True,
+    lock_held: bool = False,
 ) -> bool:
     """Decide whether a writer may (later) replace ``path``; raise if it may not.
 
@@ -494,14 +512,18 @@ def check_replaceable(
         identify: ``identify(path)`` returns ``None`` if the regular file ``path`` is a
             ``what``, else a short reason (e.g. "it is not an HDF5 file").
         resume_hint: mention ``--resume`` in the refusal without ``force``.
+        lock_held: the caller holds the :class:`NameLock` of ``path`` (else it must be free).
 
     Returns:
         Whether ``path`` exists (and may be replaced).
 
     Raises:
         FileExistsError: if ``path`` exists and may not be replaced (the message says why).
-        BlockingIOError: if another process holds ``path`` open.
+        BlockingIOError: if another process writes ``path`` (holds its :class:`NameLock`) or
+            holds the file open.
     """
+    if not lock_held:
+        NameLock(path).check_free()
     try:
         st = os.lstat(path)
     except FileNotFoundError:

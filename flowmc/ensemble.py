@@ -690,13 +690,11 @@ class EnsembleWriter:
         if command_line is None:
             command_line = " ".join(shlex.quote(a) for a in sys.argv)
         command_line = str(command_line)[: _MAX_ATTR_BYTES // 4]
-        check_output(path, force=force)  # fail fast, before taking the lock
-
-        lock = durable.NameLock(path).acquire()
+        lock = durable.NameLock(path).acquire()  # a running writer of path: fail here
         tmp = durable.temp_path(path)
         fio = f = None
         try:
-            check_output(path, force=force)  # again, now that no flowmc writer can interfere
+            check_output(path, force=force, lock_held=True)  # again when renamed
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)  # left by a killed run with our pid (it held no commit)
             fio = durable.DurableFile(tmp, create=True)
@@ -1125,7 +1123,7 @@ class EnsembleWriter:
         if self._tmp is None:
             return
         try:
-            check_output(self.path, force=self._force)  # (a non-flowmc process may interfere)
+            check_output(self.path, force=self._force, lock_held=True)  # (non-flowmc)
             os.replace(self._tmp, self.path)  # atomic; replaces an old ensemble under --force
         except OSError as e:
             self._keep_tmp = True
@@ -1261,7 +1259,7 @@ class EnsembleWriter:
         return f"EnsembleWriter({self.path!r}, {state}, C={self.n_chains}, L={self.lattice_shape})"
 
 
-def check_output(path: str | os.PathLike[str], *, force: bool) -> bool:
+def check_output(path: str | os.PathLike[str], *, force: bool, lock_held: bool = False) -> bool:
     """Check that a new ensemble may be written to ``path`` (see :meth:`EnsembleWriter.create`).
 
     Call it early (before expensive work) for a clear error; :meth:`EnsembleWriter.create`
@@ -1276,7 +1274,8 @@ def check_output(path: str | os.PathLike[str], *, force: bool) -> bool:
         BlockingIOError: if another process holds ``path`` open.
     """
     return durable.check_replaceable(
-        os.fspath(path), force=force, what="flowmc ensemble", identify=_identify_ensemble
+        os.fspath(path), force=force, what="flowmc ensemble", identify=_identify_ensemble,
+        lock_held=lock_held,
     )
 
 
