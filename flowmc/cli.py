@@ -100,7 +100,10 @@ def interrupted_message(args: argparse.Namespace | None) -> str:
             "existing file there is unchanged); run the command again"
         )
     if not out.exists():
-        return f"interrupted before anything was written to {str(out)!r}; run the command again"
+        return (
+            f"interrupted before the first commit; nothing was written to {str(out)!r}; run "
+            "the command again"
+        )
     try:
         with open_ensemble(out) as ens:
             n = ens.n
@@ -136,15 +139,24 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_with_config(commands[name], argv[1:], section=name, sections=commands)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
+        _close_writers()
         if sys.stderr.isatty():  # end a progress bar's line
             sys.stderr.write("\n")
         print(f"flowmc {name}: {interrupted_message(args)}", file=sys.stderr)
         return 130
     except Exception as exc:
+        _close_writers()
         if not is_user_error(exc):
             raise
         print(f"flowmc {name}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _close_writers() -> None:
+    """Close ensemble writers a failed command left open (temporary files go, names free)."""
+    from flowmc.ensemble import EnsembleWriter
+
+    EnsembleWriter.close_all()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -44,9 +44,10 @@ import os
 import re
 import shlex
 import sys
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -552,6 +553,21 @@ class EnsembleWriter:
     at its last commit.
     """
 
+    #: Writers not yet closed (see :meth:`close_all`).
+    _open: ClassVar[weakref.WeakSet[EnsembleWriter]] = weakref.WeakSet()
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Close every writer of this process that is still open, ignoring errors.
+
+        The command line calls it when a command ends with an error or Ctrl-C, so that a
+        driver that lost its writer on an error path still removes its temporary file and
+        releases the name at once.
+        """
+        for writer in list(cls._open):
+            with contextlib.suppress(Exception):
+                writer.close()
+
     def __init__(
         self,
         f: h5py.File,
@@ -587,6 +603,7 @@ class EnsembleWriter:
             g = f.get(f"state/{name}")
             if g is not None:
                 self._seq = max(self._seq, int(g.attrs.get("seq", -1)) + 1)
+        EnsembleWriter._open.add(self)
 
     # ---------------------------------------------------------------- construction
 
@@ -1203,6 +1220,7 @@ class EnsembleWriter:
         if self._f is None:
             return
         f, self._f = self._f, None
+        EnsembleWriter._open.discard(self)
         problem: BaseException | None = None
         try:
             if self._io.error is None and self._tmp is None:
