@@ -40,7 +40,7 @@ FULL_KEYS = {
     "has_configs", "S", *SCALAR_KEYS, "G_x", "C_t", "m_eff", "pole_mass", "acceptance",
     "acceptance_per_chain", "longest_rejection_run", "longest_rejection_run_per_chain",
     "frac_m_positive", "m_over_error", "mode_crossings", "z2_symmetric_action", "warnings",
-    "notes",
+    "notes", "acceptance_by_kernel",
 }  # fmt: skip
 
 
@@ -160,11 +160,14 @@ def test_iid_tau_int_and_entries(free_res: dict) -> None:
 
 
 def test_json_keys_stable(free_path: Path, free_res: dict, tmp_path: Path) -> None:
-    from flowmc.commands._common import write_json
+    from flowmc.report import write_json
 
-    write_json(tmp_path / "r.json", free_res)
+    write_json(tmp_path / "r.json", free_res, "analysis")
     data = json.loads((tmp_path / "r.json").read_text())
+    assert data.pop("flowmc_report") == "analysis"  # the report marker (flowmc.safeio)
     assert set(data) == FULL_KEYS
+    assert data == json.loads(json.dumps(free_res.to_dict()).replace("NaN", "null"))
+    assert data["acceptance_by_kernel"] == {"flow": 1.0}
     assert np.shape(data["G_x"]["value"]) == L and np.shape(data["G_x"]["error"]) == L
     assert len(data["C_t"]["value"]) == L[0] and len(data["m_eff"]["error"]) == L[0]
     assert data["m_eff"]["value"][0] is None  # undefined at t = 0, null in JSON (not NaN)

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import flowmc
@@ -33,12 +30,15 @@ def default_model_path() -> Path:
 
 
 def add_action_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("action (S = sum_n [sum_mu (2 phi^2 - 2 phi phi_+mu) + m2 phi^2 + lam phi^4])")
+    g = p.add_argument_group(
+        "action (S = sum_n [sum_mu (2 phi^2 - 2 phi phi_+mu) + m2 phi^2 + lam phi^4])"
+    )
     g.add_argument("--L", type=int, default=None, help="lattice extent (all directions)")
     g.add_argument("--dim", type=int, default=2, help="number of dimensions (default 2)")
     g.add_argument("--m2", type=float, default=None, help="bare mass squared")
     g.add_argument("--lam", type=float, default=None, help="quartic coupling lambda >= 0")
-    g.add_argument("--kappa", type=float, default=None, help="hopping parameter (instead of m2/lam)")
+    g.add_argument("--kappa", type=float, default=None,
+                   help="hopping parameter (instead of m2/lam)")
     g.add_argument("--lam-h", type=float, default=None, help="hopping-form quartic coupling")
 
 
@@ -98,32 +98,10 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def _clean(obj):  # noqa: ANN001, ANN202
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items() if not str(k).startswith("_")}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+def write_json(path: str | Path, obj: dict, kind: str = "summary") -> Path:
+    """Write a JSON report through :func:`flowmc.report.write_json` (kind ``summary`` by default:
+    the run summaries of ``flowmc sample``/``flowmc hmc``); it never replaces an ensemble, a
+    checkpoint or a file flowmc did not write. Prefer calling :mod:`flowmc.report` directly."""
+    from flowmc.report import write_json as _write_json
 
-
-def write_json(path: str | Path, obj: dict) -> None:
-    """Write ``obj`` as JSON (NaN/inf become null; keys starting with '_' are dropped)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(obj), indent=2) + "\n")
-
-
-def fmt(value: float, err: float | None = None) -> str:
-    """``value ± err`` with the error to 2 significant digits."""
-    if err is None or not math.isfinite(err) or err <= 0:
-        return f"{value:.6g}"
-    digits = max(0, 1 - int(math.floor(math.log10(err))))
-    return f"{value:.{digits}f} ± {err:.{digits}f}"
+    return _write_json(path, obj, kind)

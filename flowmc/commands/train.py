@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from flowmc import report
 from flowmc.action import Phi4Action
 from flowmc.checkpoint import load_checkpoint, machine_info, save_checkpoint
 from flowmc.commands._common import action_from_args, add_action_options, make_generator
@@ -63,7 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue training from --out")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-    p.add_argument("--plot", type=Path, default=None, help="training-curve PNG (default: OUT.png)")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="training-curve PNG (default: OUT with suffix .train.png, e.g. "
+                   "model.pt -> model.train.png); replaces only an earlier training curve")
     p.set_defaults(func=run)
 
 
@@ -78,37 +81,6 @@ def _parse_hidden(text: str | None) -> tuple[int, ...] | None:
         raise ValueError(f"Expected --hidden as comma-separated integers; got {text!r}") from None
 
 
-def plot_history(history: dict, path: Path, title: str = "") -> None:
-    """Training curve: ESS and loss (F_q) against step, moving averages, as in the seed notebook."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    def smooth(x: list[float], w: int = 25) -> np.ndarray:
-        x = np.asarray(x, dtype=float)
-        return np.convolve(x, np.ones(w) / w, "valid") if len(x) > w else x
-
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=120)
-    ess = smooth(history["ess"])
-    ax.plot(np.arange(len(ess)), ess, color="C0", label="ESS (batch)")
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("ESS", color="C0")
-    ax2 = ax.twinx()
-    loss = smooth(history["loss"])
-    ax2.plot(np.arange(len(loss)), loss, color="C1", label="F_q")
-    ax2.set_ylabel(r"loss $F_q = \langle \log q + S\rangle$", color="C1")
-    lo = np.percentile(loss, 5) if len(loss) else 0
-    hi = np.percentile(loss, 60) if len(loss) else 1
-    ax2.set_ylim(lo - 0.1 * abs(hi - lo) - 1e-3, hi + 0.5 * abs(hi - lo) + 1e-3)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     device = resolve_device(args.device)
@@ -116,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None:
         raise ValueError("--out is required (checkpoint path to write)")
     out = Path(args.out)
+    # the training curve may replace only an earlier training curve, never the checkpoint
+    plot_path = Path(args.plot) if args.plot else report.default_train_plot_path(out)
+    report.check_outputs([(plot_path, "png", "train-history")], inputs=[out])
     gen = make_generator(args.seed, device)
     hyper = {  # training hyper-parameters given on the command line (None: keep)
         "n_steps": args.steps,
@@ -140,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(flow, action, train_cfg, generator=gen)
         trainer.load_state_dict(ckpt["trainer_state"])
         config_record = {**ckpt.get("resolved_config", {}), "resumed_with": resolved(args)}
-        print(f"resuming {out} at step {trainer.step_count} -> {train_cfg.n_steps}", file=sys.stderr)
+        print(f"resuming {out} at step {trainer.step_count} -> {train_cfg.n_steps}",
+              file=sys.stderr)
     else:
         if out.exists() and not args.force:
             raise FileExistsError(f"{out} exists; use --force to overwrite or --resume to continue")
@@ -202,9 +178,8 @@ def run(args: argparse.Namespace) -> int:
     h = trainer.history
     tail = slice(-100, None)
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    plot_path = args.plot or out.with_suffix(".png")
     if h["loss"]:
-        plot_history(h, Path(plot_path), title=f"{action!r}")
+        report.plot_training_history(h, plot_path, title=f"{action!r}", inputs=[out])
     print(
         f"trained {trainer.step_count} steps in {time.perf_counter() - t_start:.1f} s "
         f"(training time {trainer.elapsed:.1f} s)\n"
