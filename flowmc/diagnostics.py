@@ -232,7 +232,8 @@ def acceptance_by_kernel(
       ``hmc_traj``); without it the kernel is skipped with a note;
     * ``<kernel>_acceptance``: per-row acceptance fractions or probabilities, averaged.
 
-    A ``<kernel>_...`` entry overrides ``accepted`` for the same kernel.
+    A ``<kernel>_...`` entry overrides ``accepted`` for the same kernel, and
+    ``<kernel>_acceptance`` overrides ``<kernel>_accepted`` (probabilities have less noise).
 
     Args:
         scalars: per-row scalars, each ``(n, C)``.
@@ -247,8 +248,8 @@ def acceptance_by_kernel(
         if generic in scalars:
             out[kernel_of_sampler(sampler)] = float(np.mean(np.asarray(scalars[generic], float)))
             break
-    for name in sorted(scalars):
-        for suffix in ("_accepted", "_acceptance"):
+    for suffix in ("_accepted", "_acceptance"):
+        for name in sorted(scalars):
             if not name.endswith(suffix) or name == "is_accepted":
                 continue
             kernel = name[: -len(suffix)]
