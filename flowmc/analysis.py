@@ -641,8 +641,11 @@ def _binned_errors(bins: np.ndarray, S: float) -> tuple[np.ndarray, int]:
     return err.reshape(shape), failed
 
 
-def _effective_mass(c_bins: np.ndarray, col: _Collector, warn: list[str]) -> EffectiveMass:
-    """Effective mass per t, linearised in the bin means of C(t-1), C(t), C(t+1)."""
+def _effective_mass(
+    c_mean: np.ndarray, c_bins: np.ndarray, col: _Collector, warn: list[str]
+) -> EffectiveMass:
+    """Effective mass per t at the means of C(t-1), C(t), C(t+1) over all rows; the error is
+    linearised over their bin means."""
     length = c_bins.shape[2]
     values: list[float | None] = [None] * length
     errors: list[float | None] = [None] * length
@@ -657,7 +660,9 @@ def _effective_mass(c_bins: np.ndarray, col: _Collector, warn: list[str]) -> Eff
             res, n_short = exc.result, n_short + 1
         except ValueError:  # ratio < 1 at the means (or at a finite-difference step)
             continue
-        values[t], errors[t] = float(res.value), float(res.error)
+        value = effective_mass_from_slices(*(c_mean[(t + s) % length] for s in (-1, 0, 1)))
+        if math.isfinite(value):
+            values[t], errors[t] = value, float(res.error)
     if n_short:
         warn.append(
             f"m_eff: the bin series of {n_short} time slices were too short for a reliable "
@@ -757,7 +762,7 @@ def estimate(meas: Measurements, *, S: float = 1.5, quiet_autocorr: bool = True)
         out.G_x = Correlator(meas.G.mean, g_err, meas.G.bin_size, meas.G.n_bins)
         out.C_t = Correlator(meas.C.mean, c_err, meas.C.bin_size, meas.C.n_bins)
         if length0 >= 3:
-            out.m_eff = _effective_mass(meas.C.bins, col, warn)
+            out.m_eff = _effective_mass(meas.C.mean, meas.C.bins, col, warn)
         else:
             notes.append(f"m_eff needs L >= 3 along axis 0 (L_0 = {length0}); skipped")
         if length0 >= 6:  # fit range t = 1..L/2 with at least 3 points for 2 parameters

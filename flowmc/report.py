@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from flowmc.analysis import SCALAR_KEYS
-from flowmc.safeio import PNG_SOFTWARE_PREFIX, REPORT_KEY, check_output, sniff, write_atomic
+from flowmc.safeio import PNG_SOFTWARE_PREFIX, REPORT_KEY, check_output, write_atomic
 
 __all__ = [
     "fmt",
@@ -170,13 +170,6 @@ def check_outputs(
         seen.append(os.fspath(path))
 
 
-def _plot_dir(outdir: PathLike) -> Path:
-    info = sniff(outdir)
-    if info.kind not in ("missing", "directory"):
-        raise FileExistsError(f"cannot write plots into {os.fspath(outdir)}: it is {info.what}")
-    return Path(outdir)
-
-
 def _figure(**kw: Any) -> Any:
     from matplotlib.figure import Figure
 
@@ -288,7 +281,7 @@ def analysis_plots(res: Any, outdir: PathLike, *, inputs: Iterable[PathLike] = (
     Returns:
         The paths written.
     """
-    outdir = _plot_dir(outdir)
+    outdir = Path(outdir)
     inputs = list(inputs)
     check_outputs(((outdir / n, "png", k) for n, k in ANALYSIS_PLOTS.items()), inputs=inputs)
     d = res.to_dict()

@@ -202,8 +202,8 @@ def sniff(path: str | os.PathLike[str]) -> FileInfo:
     """
     p = os.fspath(path)
     try:
-        lst = os.lstat(p)
-    except FileNotFoundError:
+        os.lstat(p)
+    except (FileNotFoundError, NotADirectoryError):
         return FileInfo("missing", None, "missing")
     except OSError as exc:
         return FileInfo("special", None, f"not accessible ({exc.strerror})")
@@ -217,7 +217,6 @@ def sniff(path: str | os.PathLike[str]) -> FileInfo:
         what = "a device node" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else (
             "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file")
         return FileInfo("special", None, what)
-    del lst
     try:
         with open(p, "rb") as fh:
             head = fh.read(64)
@@ -285,6 +284,14 @@ def check_output(
             )
     info = sniff(p)
     if info.kind == "missing":
+        parent = Path(os.path.abspath(p)).parent
+        while not os.path.lexists(parent) and parent != parent.parent:
+            parent = parent.parent
+        where = sniff(parent)
+        if where.kind != "directory":
+            raise FileExistsError(
+                f"cannot write {label} to {p}: {parent} is {where.what}, not a directory"
+            )
         return Path(p)
     if info.kind == f"{fmt}-report" and info.report == kind:
         return Path(p)
