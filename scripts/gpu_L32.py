@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", default="64,64,64")
     ap.add_argument("--kernel", type=int, default=3)
     ap.add_argument("--bins", type=int, default=8)
-    ap.add_argument("--bound", type=float, default=2.5, help="spline half-width (>= 5 prior sigmas)")
+    ap.add_argument("--bound", type=float, default=2.5,
+                    help="spline half-width (>= 5 prior sigmas)")
     ap.add_argument("--prior-sigma", type=float, default=0.5)
     ap.add_argument("--steps", type=int, default=20000, help="reverse-KL steps over all stages")
     ap.add_argument("--batches", default="256,512,1024,2048", help="batch-size ramp")
@@ -135,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     flow.eval()
     res = evaluate_flow(flow, action, args.n_eval, batch_size=1024,
-                        generator=torch.Generator(device).manual_seed(args.seed + 2))
-    res.pop("_samples")
+                        generator=torch.Generator(device).manual_seed(args.seed + 2)).to_dict()
     save_checkpoint(args.out, flow, action, symmetric=False,
                     train_config=stages(args)[-1].to_dict(), trainer_state=None,
                     resolved_config={k: (str(v) if isinstance(v, Path) else v)
