@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -118,7 +118,9 @@ class FlowEvaluation:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: every attribute except ``samples``; ``sign_balance`` as a dict."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("samples", "sign_balance")}
+        skip = ("samples", "sign_balance")
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        out["ess_batches"] = list(self.ess_batches)
         sb = self.sign_balance
         out["sign_balance"] = None if sb is None else dict(sb._asdict())
         out["z2_imbalanced"] = None if sb is None else sb.imbalanced

@@ -249,3 +249,24 @@ def test_training_progress_bar_is_tqdm(capsys: pytest.CaptureFixture) -> None:
     assert "train: 100%" in err and "3/3" in err and "loss(F_q)" in err
     tr.run(progress=False, n_steps=4)
     assert capsys.readouterr().err == ""
+
+
+def test_numerical_core_imports_neither_matplotlib_nor_the_cli() -> None:
+    """Tables and plots live in flowmc.report; the core never imports matplotlib or
+    flowmc.commands (before, compare.py imported flowmc.commands._common)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flowmc, flowmc.analysis, flowmc.compare, flowmc.evaluate, flowmc.train, "
+        "flowmc.diagnostics, flowmc.safeio, flowmc.observables, flowmc.autocorr\n"
+        "bad = lambda: sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' "
+        "or m.startswith('flowmc.commands') or m == 'flowmc.report')[:3]\n"
+        "print(bad())\n"
+        "import flowmc.report\n"
+        "print(bad())\n"  # control: the check sees a module once it is imported
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.splitlines()  # fmt: skip
+    assert out == ["[]", "['flowmc.report']"]
