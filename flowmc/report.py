@@ -454,7 +454,7 @@ def compare_table(result: Mapping[str, Any]) -> str:
             z = row[lab].get("z_vs_reference")
             cells.append("-" if z is None else f"{z:+.2f}")
         rows.append(cells)
-    lines = [f"values (z = (x - {ref}) / sqrt(σx² + σ{ref}²), reference {ref})", ""]
+    lines = [f"values; z = (x - x_ref) / sqrt(σ² + σ_ref²) against the reference {ref}", ""]
     lines += _table(head, rows)
     head2 = ["observable", *(f"τ_int {lab}" for lab in labels),
              *(f"s/indep {lab}" for lab in labels)]  # fmt: skip
