@@ -48,6 +48,7 @@ import numpy as np
 from flowmc.autocorr import AutocorrError, GammaResult, derived_gamma, gamma_analysis, jackknife
 from flowmc.diagnostics import (
     Z2_SIGMA,
+    SignBalance,
     acceptance_by_kernel,
     binomial_error,
     kernel_of_sampler,
@@ -315,7 +316,7 @@ class Diagnostics:
     m_over_error: float | None = None
     mode_crossings: list[int] | None = None
     z2_symmetric_action: bool | None = None
-    sign_balance: Any = None
+    sign_balance: SignBalance | None = None
     gamma: dict[str, GammaResult] = field(default_factory=dict)
     short: dict[str, GammaResult] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
