@@ -27,6 +27,7 @@ Only rank 0 writes files; :func:`flowmc.workflow.train_flow` enforces that. The 
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +55,14 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 600.0
+
+# the buffers (checkerboard masks) are constants: no need to re-broadcast them every forward
+# (``broadcast_buffers`` is deprecated from torch 2.13 on in favour of ``forward_sync_buffers``)
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 class DistInfo(NamedTuple):
@@ -209,7 +218,7 @@ class DistributedTrainer(Trainer):
         self.world_size = world
         self.local_batch_size = local
         self.model = DistributedDataParallel(
-            self.loss_module, device_ids=device_ids, broadcast_buffers=False
+            self.loss_module, device_ids=device_ids, **_NO_BUFFER_SYNC
         )
 
     def _gather(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:

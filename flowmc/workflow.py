@@ -123,7 +123,7 @@ def train_flow(
     symmetric: bool | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     out: str | Path | None = None,
     resume: bool = False,
     force: bool = False,
@@ -160,7 +160,7 @@ def train_flow(
         seed: parameter initialisation and the per-step sample streams (a resumed run keeps the
             seed stored in its checkpoint).
         device: torch device; ``cuda`` means ``cuda:LOCAL_RANK`` under torchrun.
-        dtype: parameter dtype.
+        dtype: parameter dtype (default: the resumed checkpoint's, else float32).
         out: checkpoint to write (periodically and at the end).
         resume: continue training ``out``.
         force: overwrite an existing ``out``.
@@ -222,10 +222,13 @@ def train_flow(
             if train_config is not None:
                 raise ValueError("Expected train_overrides, not train_config, with resume=True")
             train_cfg = override(TrainConfig.from_dict(ckpt["train_config"]), **train_over)
-            flow = build_flow(flow_cfg)
+            prev_meta = dict(ckpt.get("meta", {}) or {})
+            if dtype is None:
+                dtype = torch.float64 if prev_meta.get("dtype") == "float64" else torch.float32
+            # load in the final dtype: loading float64 weights into float32 would round them
+            flow = build_flow(flow_cfg).to(dtype)
             flow.load_state_dict(ckpt["model_state"])
             trainer_state = ckpt["trainer_state"]
-            prev_meta = dict(ckpt.get("meta", {}) or {})
             ancestor = prev_meta.get("init_from")
             record = {**ckpt.get("resolved_config", {}), "resumed_with": record}
             if main and progress:
@@ -247,7 +250,7 @@ def train_flow(
                 old_cfg = FlowConfig.from_dict(ckpt["flow_config"])
                 flow_cfg = replace(old_cfg, lattice_shape=shape)
                 with torch.random.fork_rng(devices=[]):
-                    flow = build_flow(flow_cfg)
+                    flow = build_flow(flow_cfg).to(dtype or torch.float32)
                 flow.load_state_dict(transfer_state_dict(ckpt["model_state"], old_cfg, flow_cfg))
             else:
                 flow_cfg = _override_flow(flow_config or recipe_flow, flow_over)
@@ -262,7 +265,7 @@ def train_flow(
             train_cfg = override(train_config or recipe_train, **train_over)
             if symmetric is not None:
                 train_cfg = replace(train_cfg, symmetric=bool(symmetric))
-        flow.to(device=device, dtype=dtype)
+        flow.to(device=device, dtype=dtype or torch.float32)
         if info is not None:
             trainer: Trainer = distributed.DistributedTrainer(
                 flow,
@@ -286,7 +289,7 @@ def train_flow(
             "backend": info.backend if info is not None else None,
             "machine": machine_info(),
             "device": str(device),
-            "dtype": str(dtype).replace("torch.", ""),
+            "dtype": str(next(flow.parameters()).dtype).replace("torch.", ""),
             "recipe": prev_meta.get("recipe") if resume else recipe,
         }
 
