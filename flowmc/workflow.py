@@ -228,7 +228,12 @@ def train_flow(
             # load in the final dtype: loading float64 weights into float32 would round them
             flow = build_flow(flow_cfg).to(dtype)
             flow.load_state_dict(ckpt["model_state"])
-            trainer_state = ckpt["trainer_state"]
+            trainer_state = ckpt.get("trainer_state")
+            if not trainer_state:
+                raise ValueError(
+                    f"{out} has no trainer state to resume; start a new stage from it with "
+                    "init_from (--init-from) instead"
+                )
             ancestor = prev_meta.get("init_from")
             record = {**ckpt.get("resolved_config", {}), "resumed_with": record}
             if main and progress:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from flowmc.action import Phi4Action
-from flowmc.checkpoint import load_checkpoint
+from flowmc.checkpoint import load_checkpoint, save_checkpoint
 from flowmc.cli import main
 from flowmc.couplings import checkerboard
 from flowmc.ensemble import file_sha256
@@ -195,6 +195,9 @@ def test_train_flow_errors(tmp_path):
         train_flow(action, flow_config=FlowConfig((8, 8)), progress=False)
     with pytest.raises(FileNotFoundError):
         train_flow(action, init_from=tmp_path / "missing.pt", progress=False)
+    save_checkpoint(tmp_path / "weights.pt", build_flow(SMALL["affine"]), action)  # no trainer
+    with pytest.raises(ValueError, match="no trainer state to resume.*init_from"):
+        train_flow(out=tmp_path / "weights.pt", resume=True, progress=False)
     (tmp_path / "exists.pt").write_bytes(b"")
     with pytest.raises(FileExistsError, match="--force"):
         train_flow(action, out=tmp_path / "exists.pt")
