@@ -84,6 +84,20 @@ def test_load_model_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         load_model(NAME + ".pt")
 
 
+def test_cli_model_by_name(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from flowmc.cli import main
+
+    out = tmp_path / "x.h5"
+    argv = ["sample", "--model", "phi4_L8_m2-4_lam1", "--n", "20", "--batch", "16", "--out",
+            str(out), "--quiet"]
+    assert main(argv) == 0
+    with open_ensemble(out) as ens:
+        assert ens.action["lam"] == 1.0
+        assert ens.meta["model_path"] == str(shipped_model_path("phi4_L8_m2-4_lam1"))
+    assert main([*argv[:2], "nope", *argv[3:], "--force"]) == 2
+    assert "not a file, nor a shipped flow" in capsys.readouterr().err
+
+
 def test_data_dir_missing_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     import flowmc.shipped as shipped
 
