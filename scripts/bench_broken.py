@@ -43,6 +43,7 @@ from flowmc.checkpoint import load_model, machine_info
 from flowmc.evaluate import evaluate_flow, needs_symmetrisation
 from flowmc.flow import Z2SymmetricFlow, build_flow
 from flowmc.recipes import get_recipe, override
+from flowmc.rng import ChainRNG
 from flowmc.train import Trainer
 
 FULL = {"L": 16, "lam": 3.0, "train_steps": 300, "n": 4096, "chains": 4, "hmc_chains": 16,
@@ -147,21 +148,17 @@ def train_flow(
 
 @torch.no_grad()
 def run_flow_chain(proposal: torch.nn.Module, action: Phi4Action, cfg: dict, seed: int) -> dict:
-    gen = torch.Generator().manual_seed(seed)
+    rng = ChainRNG(seed, cfg["chains"])
     c, n = cfg["chains"], cfg["n"]
+    kernel = imh.flow_imh(proposal, action, max(1024 // c, 1))
     t0 = time.perf_counter()
-    phi0, lq0 = proposal.sample(c, generator=gen)
-    state = imh.init(phi0, action(phi0), lq0)
+    state = imh.sample_init(proposal, action, rng)
     ms, acc, done = [], [], 0
     while done < n:
-        k = min(1024 // c or 1, n - done)
-        phi, s, lq = imh.propose(proposal, action, k, c, generator=gen)
-        log_u = torch.rand((k, c), generator=gen, dtype=torch.float64).log()
-        before = state
-        state, info = imh.accept_reject(state, phi, s, lq, log_u)
-        m_prop = phi.flatten(2).mean(2)
-        ms.append(imh.gather(before.phi.flatten(1).mean(1), m_prop, info.index).double().numpy())
-        acc.append(info.is_accepted.numpy())
+        state, info = kernel.step(state, rng)
+        k = min(info.is_accepted.shape[0], n - done)
+        ms.append(info.phi[:k].flatten(2).mean(2).double().numpy())
+        acc.append(info.is_accepted[:k].numpy())
         done += k
     sec = time.perf_counter() - t0
     m = np.concatenate(ms)

@@ -16,8 +16,7 @@ from flowmc.cli import main
 from flowmc.compare import OBSERVABLES, compare, ensemble_cost, format_table
 from flowmc.ensemble import open_ensemble
 from flowmc.flow import FlowConfig, build_flow
-from flowmc.hmc_run import HMCRunConfig, run_hmc
-from flowmc.sampler import FlowMHConfig, run_flow_mh
+from flowmc.run import HMCSettings, RunConfig, run_ensemble
 
 SHAPE = (4, 4)
 TRAIN_TIME = 12.5
@@ -36,10 +35,10 @@ def ensembles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model_path = d / "model.pt"
     save_checkpoint(model_path, flow, action, symmetric=True,
                     meta={"training_time_s": TRAIN_TIME})
-    run_flow_mh(load_model(model_path), d / "flow.h5",
-                FlowMHConfig(n=60, chains=4, batch=32, seed=1), progress=False)
-    run_hmc(action, d / "hmc.h5", HMCRunConfig(n=60, chains=4, warmup=20, chunk=25),
-            progress=False)
+    run_ensemble(d / "flow.h5", RunConfig(n=60, chains=4, batch=32, seed=1),
+                 model=load_model(model_path), progress=False)
+    run_ensemble(d / "hmc.h5", RunConfig(n=60, chains=4, chunk=25, hmc=HMCSettings(warmup=20)),
+                 action=action, progress=False)
     return {"flow": d / "flow.h5", "hmc": d / "hmc.h5", "model": model_path, "dir": d}
 
 
@@ -131,8 +130,8 @@ def test_different_actions_warn_and_bad_input(
     ensembles: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     other = tmp_path / "other.h5"
-    run_hmc(Phi4Action(-4.0, 6.0, SHAPE), other, HMCRunConfig(n=10, chains=2, warmup=5),
-            progress=False)
+    run_ensemble(other, RunConfig(n=10, chains=2, hmc=HMCSettings(warmup=5)),
+                 action=Phi4Action(-4.0, 6.0, SHAPE), progress=False)
     stub = _stub({"chi2": (0.7, 0.05, 1.0)}, 0.8)
     res = compare(ensembles["hmc"], other, analyze_fn=lambda p, d: stub)
     assert res["labels"] == ["A (hmc)", "B (hmc)"] and res["same_action"] is False
