@@ -181,7 +181,8 @@ def propose(
     phi = phi.to(dtype)
     action = action_fn(phi)
     phi = phi.reshape(c, k, *shape).transpose(0, 1).contiguous()
-    return phi, action.reshape(c, k).t().contiguous(), log_q.to(dtype).reshape(c, k).t().contiguous()
+    action = action.reshape(c, k).t().contiguous()
+    return phi, action, log_q.to(dtype).reshape(c, k).t().contiguous()
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol, Union
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 #: What a kernel draws its randomness from.
-RNG = Union[ChainRNG, torch.Generator]
+RNG = ChainRNG | torch.Generator
 
 
 class PositionState(Protocol):
@@ -120,7 +120,7 @@ class CycleInfo(NamedTuple):
 
 
 def unchanged_chains(own: PositionState | None, other: PositionState) -> Tensor:
-    """``(C,)`` bool: chains whose configuration in ``other`` equals (bitwise) the one in ``own``."""
+    """``(C,)`` bool: chains whose configuration in ``other`` equals (bitwise) that in ``own``."""
     c = other.phi.shape[0]
     if own is None or own.phi.shape != other.phi.shape or own.phi.dtype != other.phi.dtype:
         return torch.zeros(c, dtype=torch.bool, device=other.phi.device)

@@ -1,4 +1,4 @@
-r"""Per-chain random streams: chain ``c`` of a run with seed ``s`` draws only from its own generator.
+r"""Per-chain random streams: chain ``c`` of a run with seed ``s`` draws from its own generator.
 
 Every Markov chain owns one :class:`torch.Generator`, seeded from
 ``np.random.SeedSequence([seed, c])`` with ``c`` the chain's *global* index (scheme

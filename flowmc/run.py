@@ -395,7 +395,8 @@ class _HMC:
         t = ctr.totals
         return {
             "trajectories": t["hmc_trajectories"],
-            "hmc_acceptance": t["hmc_accepted"] / max(t["hmc_trajectories"] * self.config.chains, 1),
+            "hmc_acceptance": t["hmc_accepted"]
+            / max(t["hmc_trajectories"] * self.config.chains, 1),
             "step_size": self.step_size,
             "num_steps": self.num_steps,
             "integrator": self.settings.integrator,
@@ -523,7 +524,8 @@ class _Hybrid:
         }  # fmt: skip
 
     def unpack(self, arrays: dict, device: torch.device) -> CycleState:
-        f = imh.IMHState(*(_tensor(arrays[f"flow_{k}"], device) for k in ("phi", "action", "log_q")))
+        keys = ("phi", "action", "log_q")
+        f = imh.IMHState(*(_tensor(arrays[f"flow_{k}"], device) for k in keys))
         h = hmc.HMCState(*(_tensor(arrays[k], device) for k in ("phi", "action", "grad")))
         return CycleState((f, h))
 

@@ -3,9 +3,9 @@
 Nearer the transition than the shipped (8, -4, 1) point: by default L = 16, m2 = -4, lam = 3
 (broken at L = 16: the HMC histogram of m is bimodal and plain HMC rarely tunnels). Steps:
 
-1. HMC reference: ``C`` chains, ordered start at +phi0, step size tuned by dual averaging, then frozen;
-   once *with* the exact global flip (the reference) and once *without* (sign changes of m per
-   trajectory measure how rare tunnelling is; the m histogram shows the two modes).
+1. HMC reference: ``C`` chains, ordered start at +phi0, step size tuned by dual averaging, then
+   frozen; once *with* the exact global flip (the reference) and once *without* (sign changes
+   of m per trajectory measure how rare tunnelling is; the m histogram shows the two modes).
 2. A flow trained by reverse KL with the CLI default for a Z2-symmetric action
    (trained plain, sampled through q_s = [q(phi) + q(-phi)]/2 when sign-imbalanced), the default
    recipe's architecture (``--recipe``) and a modest step budget (or ``--model`` to reuse a
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{name:10s} acc {r['acceptance']:.3f}  <m> {r['m'][0]:+.4f}({r['m'][1]:.4f})  "
             f"<|m|> {r['abs_m'][0]:.4f}({r['abs_m'][1]:.4f})  tau_m {r['tau_int_m'][0]:.2f}  "
-            f"tau_|m| {r['tau_int_abs_m'][0]:.2f}  s/eff(|m|) {r['seconds_per_eff_sample_abs_m']:.2e}"
+            f"tau_|m| {r['tau_int_abs_m'][0]:.2f}  "
+            f"s/eff(|m|) {r['seconds_per_eff_sample_abs_m']:.2e}"
         )
     print(f"flow ESS {ev['ess']:.3f}, frac M>0 {ev['frac_m_positive']:.3f}; total "
           f"{res['seconds_total']:.1f} s -> {args.out}")  # fmt: skip

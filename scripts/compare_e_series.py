@@ -253,7 +253,7 @@ def plot(rows: list[dict], path: Path) -> None:
         L = [r["L"] for r in pts]
         lab = [r["name"] for r in pts]
 
-        def col(key: str, field: str) -> list[float]:
+        def col(key: str, field: str, pts: list[dict] = pts) -> list[float]:
             return [(r[key].get("chi2") or {}).get(field) or np.nan for r in pts]
 
         ax1.errorbar(L, col("flow", "tau_int"), yerr=col("flow", "tau_int_error"),

@@ -15,8 +15,8 @@ from scipy.stats import t as student_t
 from flowmc.action import Phi4Action
 from flowmc.cli import main
 from flowmc.ensemble import EnsembleWriter, open_ensemble
-from flowmc.run import SCALARS, HMCSettings, RunConfig, run_ensemble
 from flowmc.observables import ising_energy
+from flowmc.run import SCALARS, HMCSettings, RunConfig, run_ensemble
 
 ALPHA = 0.01
 HMC_SCALARS = SCALARS["hmc"]
@@ -216,7 +216,6 @@ def test_exact_on_free_theory_negative_control(
 ) -> None:
     """The same run without the Metropolis test (every trajectory accepted) must fail."""
     from flowmc import hmc
-
     from flowmc.rng import draw_normal
 
     def accept_all_kernel(action: Phi4Action, *, integrator: str, step_size: float,

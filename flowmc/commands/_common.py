@@ -34,12 +34,15 @@ def default_model_path() -> Path:
 
 
 def add_action_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("action (S = sum_n [sum_mu (2 phi^2 - 2 phi phi_+mu) + m2 phi^2 + lam phi^4])")
+    g = p.add_argument_group(
+        "action (S = sum_n [sum_mu (2 phi^2 - 2 phi phi_+mu) + m2 phi^2 + lam phi^4])"
+    )
     g.add_argument("--L", type=int, default=None, help="lattice extent (all directions)")
     g.add_argument("--dim", type=int, default=2, help="number of dimensions (default 2)")
     g.add_argument("--m2", type=float, default=None, help="bare mass squared")
     g.add_argument("--lam", type=float, default=None, help="quartic coupling lambda >= 0")
-    g.add_argument("--kappa", type=float, default=None, help="hopping parameter (instead of m2/lam)")
+    g.add_argument("--kappa", type=float, default=None,
+                   help="hopping parameter (instead of m2/lam)")
     g.add_argument("--lam-h", type=float, default=None, help="hopping-form quartic coupling")
 
 

@@ -1,4 +1,4 @@
-"""``flowmc sample``: an exact ensemble by flow Metropolis–Hastings, or the hybrid flow + HMC cycle."""
+"""``flowmc sample``: an exact ensemble by flow Metropolis–Hastings, or the flow + HMC hybrid."""
 
 from __future__ import annotations
 
