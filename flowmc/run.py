@@ -143,7 +143,8 @@ class HMCSettings:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Settings of a run (all but ``n``, ``seed`` and ``chunk`` go into ``sampler`` attrs).
+    """Settings of a run; those that shape the chains go into the ``sampler`` attribute
+    (``n``, ``seed`` and ``chunk`` do not; ``seed`` is a root attribute of its own).
 
     Attributes:
         n: target number of recorded configurations per chain.
@@ -769,6 +770,9 @@ def run_ensemble(
 
     if resume:
         stored, stored_meta = _stored_sampler(out)
+        if isinstance(sampler, (_HMC, _Hybrid)) and stored.get("step_size") is not None:
+            sampler.freeze(stored["step_size"], stored["num_steps"])
+        _check_resume_settings(out, stored, sampler.attrs())
         if adapt_path is not None:
             base_rec = (stored_meta.get("model") or {}).get("adapted_from") or {}
             if base_rec.get("sha256") != sha:
@@ -785,9 +789,6 @@ def run_ensemble(
                                 symmetric=lmodel.symmetric)  # fmt: skip
             sampler.use_model(lmodel)
             sha = file_sha256(adapt_path)
-        if isinstance(sampler, (_HMC, _Hybrid)) and stored.get("step_size") is not None:
-            sampler.freeze(stored["step_size"], stored["num_steps"])
-        _check_resume_settings(out, stored, sampler.attrs())
         writer = EnsembleWriter.resume(
             out,
             expect={
