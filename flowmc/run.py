@@ -6,8 +6,9 @@ HDF5 ensemble (:mod:`flowmc.ensemble`). The sampler follows from the arguments:
 * ``"flow-imh"`` (a ``model``, ``config.hmc_traj == 0``): each kernel step is a block of
   ``config.batch`` MH steps per chain, proposed in one flow call; one row per MH step;
 * ``"hmc"`` (no model, an ``action``): one row per trajectory;
-* ``"hybrid"`` (a ``model`` and ``config.hmc_traj = K >= 1``): each kernel step is one cycle,
-  a flow independence-MH step followed by ``K`` HMC trajectories; one row per cycle.
+* ``"hybrid"`` (a ``model`` and ``config.hmc_traj = K >= 1``): one row per cycle, a flow
+  independence-MH step followed by ``K`` HMC trajectories; each kernel step is a block of
+  ``config.batch`` cycles whose flow proposals come from one flow call (:mod:`flowmc.hybrid`).
 
 Phases of a run:
 
@@ -59,6 +60,7 @@ from flowmc.adapt import AdaptConfig, Adapter
 from flowmc.checkpoint import LoadedModel, load_checkpoint, load_model, save_checkpoint
 from flowmc.ensemble import EnsembleWriter, file_sha256, open_ensemble
 from flowmc.flow import Z2SymmetricFlow
+from flowmc.hybrid import HybridInfo, hybrid
 from flowmc.kernel import CycleState, cycle
 from flowmc.rng import RNG_SCHEME, ChainRNG, run_generator
 
@@ -156,7 +158,8 @@ class RunConfig:
             HMC and the hybrid).
         first_chain: global index of the first chain (the run holds chains
             ``first_chain .. first_chain + chains - 1``; for sharded runs).
-        batch: flow MH only: proposals per chain per flow call (MH steps per kernel step).
+        batch: flow proposals per chain per flow call: MH steps per kernel step for flow MH
+            (default 1024), cycles per kernel step for the hybrid (default 16); not used by HMC.
         hmc_traj: with a model: HMC trajectories per cycle ``K`` (0 = flow MH alone).
         hmc: HMC settings (HMC runs and the hybrid).
         start: HMC runs only: ``"cold"`` (φ = 0) or ``"random"`` (i.i.d. N(0, 1)).
@@ -170,15 +173,17 @@ class RunConfig:
     seed: int = 0
     chunk: int | None = None
     first_chain: int = 0
-    batch: int = 1024
+    batch: int | None = None
     hmc_traj: int = 0
     hmc: HMCSettings = field(default_factory=HMCSettings)
     start: str = "cold"
     adapt: AdaptConfig | None = None
 
     def __post_init__(self) -> None:
-        for name in ("n", "chains", "thin", "batch"):
+        for name in ("n", "chains", "thin"):
             _check_int(name, getattr(self, name), 1)
+        if self.batch is not None:
+            _check_int("batch", self.batch, 1)
         for name in ("therm", "seed", "first_chain", "hmc_traj"):
             _check_int(name, getattr(self, name), 0)
         if self.chunk is not None:
@@ -189,6 +194,12 @@ class RunConfig:
             raise ValueError(f"Expected hmc to be HMCSettings; got {type(self.hmc).__name__}")
         if self.adapt is not None and not isinstance(self.adapt, AdaptConfig):
             raise ValueError(f"Expected adapt to be AdaptConfig; got {type(self.adapt).__name__}")
+
+    def flow_batch(self) -> int:
+        """``batch`` resolved: as given, else 1024 for flow MH and 16 for the hybrid."""
+        if self.batch is not None:
+            return self.batch
+        return 1024 if self.hmc_traj == 0 else 16
 
     def steps_for(self, n_records: int) -> int:
         """Steps per chain needed to record ``n_records`` rows."""
@@ -248,7 +259,7 @@ class _FlowIMH:
 
     def __init__(self, model: LoadedModel, config: RunConfig) -> None:
         self.config = config
-        self.sub_steps = config.batch
+        self.sub_steps = config.flow_batch()
         self.use_model(model)
 
     def use_model(self, model: LoadedModel) -> None:
@@ -260,7 +271,7 @@ class _FlowIMH:
         c = self.config
         return {
             "name": self.name, "chains": c.chains, "first_chain": c.first_chain,
-            "batch": c.batch, "thin": c.thin, "therm": c.therm,
+            "batch": self.sub_steps, "thin": c.thin, "therm": c.therm,
             "symmetric": bool(self.model.symmetric), "dtype": _dtype_name(self.dtype),
             "rng": RNG_SCHEME, "adapt": None if c.adapt is None else c.adapt.to_dict(),
         }  # fmt: skip
@@ -406,13 +417,17 @@ class _HMC:
 
 
 class _Hybrid:
-    """One cycle = one flow independence-MH step, then ``K`` HMC trajectories; chains float64."""
+    """Cycles of one flow independence-MH step and ``K`` HMC trajectories; chains in float64.
+
+    Sampling runs blocks of ``batch`` cycles (:func:`flowmc.hybrid.hybrid`); warm-up and
+    adaptation run single cycles.
+    """
 
     name = "hybrid"
-    sub_steps = 1
 
     def __init__(self, model: LoadedModel, config: RunConfig, device: torch.device) -> None:
         self.config, self.settings, self.K = config, config.hmc, config.hmc_traj
+        self.sub_steps = config.flow_batch()
         self.dtype = torch.float64  # the chain's: Delta H is a difference of extensive numbers
         self.hmc_part = _HMC(model.action, config, device, self.dtype)
         self.use_model(model)
@@ -426,15 +441,17 @@ class _Hybrid:
 
     def freeze(self, step_size: float, num_steps: int) -> None:
         self.hmc_part.freeze(step_size, num_steps)
-        self.kernel = cycle([self.flow_kernel, self.hmc_part.kernel], [1, self.K])
+        hk = self.hmc_part.kernel
+        self.single = cycle([self.flow_kernel, hk], [1, self.K])
+        self.kernel = hybrid(self.proposal, self.action, hk, self.K, self.sub_steps)
 
     def attrs(self) -> dict:
         c = self.config
         return {
             "name": self.name, "chains": c.chains, "first_chain": c.first_chain,
-            "thin": c.thin, "therm": c.therm, "symmetric": bool(self.model.symmetric),
-            "dtype": _dtype_name(self.flow_dtype), "chain_dtype": _dtype_name(self.dtype),
-            "hmc_traj": self.K,
+            "batch": self.sub_steps, "thin": c.thin, "therm": c.therm,
+            "symmetric": bool(self.model.symmetric), "dtype": _dtype_name(self.flow_dtype),
+            "chain_dtype": _dtype_name(self.dtype), "hmc_traj": self.K,
             **self.settings.attrs(self.hmc_part.step_size, self.hmc_part.num_steps),
             "rng": RNG_SCHEME, "adapt": None if c.adapt is None else c.adapt.to_dict(),
         }  # fmt: skip
@@ -471,7 +488,7 @@ class _Hybrid:
             self.freeze(s.step_size, max(1, math.ceil(s.traj_length / s.step_size)))
             state = CycleState((flow_state, hmc_state))
             for _ in range(math.ceil(s.warmup / K)):
-                state, info = self.kernel.step(state, rng)
+                state, info = self.single.step(state, rng)
                 flow_acc.append(float(info.infos[0][0].is_accepted.double().mean()))
         record["flow_steps"] = len(flow_acc)
         record["flow_acceptance"] = float(np.mean(flow_acc)) if flow_acc else None
@@ -492,27 +509,24 @@ class _Hybrid:
         """The state with the flow part's ``log q`` recomputed under the current flow."""
         return CycleState((self.flow_kernel.adopt(None, state.states[1]), state.states[1]))
 
-    def step(self, state: CycleState, rng: ChainRNG) -> tuple[CycleState, Any]:
+    def step(self, state: CycleState, rng: ChainRNG) -> tuple[CycleState, HybridInfo]:
         return self.kernel.step(state, rng)
 
-    def tally(self, info: Any, lo: int, hi: int, ctr: _Counters) -> None:
-        flow, trajs = info.infos[0][0], info.infos[1]
-        ctr.accepted(flow.is_accepted)
-        ctr.add(flow_steps=1, flow_accepted=flow.is_accepted, n_nonfinite=flow.is_nonfinite,
-                hmc_trajectories=len(trajs))  # fmt: skip
-        for t in trajs:
-            ctr.add(hmc_accepted=t.is_accepted, n_divergent=t.is_divergent)
+    def tally(self, info: HybridInfo, lo: int, hi: int, ctr: _Counters) -> None:
+        acc = info.flow.is_accepted[lo:hi]
+        ctr.accepted(acc)
+        ctr.add(flow_steps=hi - lo, flow_accepted=acc, n_nonfinite=info.flow.is_nonfinite[lo:hi],
+                hmc_trajectories=(hi - lo) * self.K, hmc_accepted=info.hmc_accepted[lo:hi],
+                n_divergent=info.is_divergent[lo:hi])  # fmt: skip
 
-    def rows(self, info: Any, state: CycleState, idx: Tensor) -> tuple[dict, Tensor]:
-        flow, trajs = info.infos[0][0], info.infos[1]
-        cur = state.states[-1]
-        phi = cur.phi[None]
-        n_acc = torch.stack([t.is_accepted for t in trajs]).sum(0)
+    def rows(self, info: HybridInfo, state: CycleState, idx: Tensor) -> tuple[dict, Tensor]:
+        d = idx.to(info.phi.device)
+        phi = info.phi[d]
         return {
-            "action": cur.action[None].double(),
-            "accepted": flow.is_accepted,
-            "hmc_accepted": n_acc[None].double(),
-            "delta_h": trajs[-1].delta_h[None].double(),
+            "action": info.action[d].double(),
+            "accepted": info.flow.is_accepted[idx],
+            "hmc_accepted": info.hmc_accepted[d].double(),
+            "delta_h": info.delta_h[d].double(),
             "magnetization": _magnetization(phi),
         }, phi
 

@@ -25,6 +25,7 @@ from flowmc.action import FreeTheory, Phi4Action
 from flowmc.autocorr import gamma_analysis
 from flowmc.ensemble import open_ensemble
 from flowmc.flow import FlowConfig, build_flow
+from flowmc.hybrid import hybrid
 from flowmc.kernel import SamplingAlgorithm, cycle
 from flowmc.rng import ChainRNG
 from flowmc.run import HMCSettings, RunConfig, run_ensemble
@@ -129,8 +130,11 @@ def _stale(kernel: SamplingAlgorithm) -> SamplingAlgorithm:
     return SamplingAlgorithm(kernel.init, kernel.step, adopt)
 
 
-def _free_theory_z(variant: str) -> tuple[dict[str, float], float]:
+def _free_theory_z(variant: str, block: int = 0) -> tuple[dict[str, float], float]:
     """z-scores of <M^2>, G(0), G(1), G(2) after k = 10 hybrid cycles of N = 1000 chains.
+
+    ``block = B > 0`` runs the production kernel (:func:`flowmc.hybrid.hybrid`, the proposals of
+    B cycles from one flow call) instead of the plain ``cycle``.
 
     The flow is untrained (2 layers) with prior width 0.7 sqrt(G(0)): narrower than the target,
     flow acceptance ~0.16, so the MH correction does most of the work. The chain dtype is
@@ -149,15 +153,17 @@ def _free_theory_z(variant: str) -> tuple[dict[str, float], float]:
     flow_k = imh.flow_imh(_NoLogQ(flow) if variant == "no_log_q" else flow, action, 1)
     if variant == "stale_log_q":
         flow_k = _stale(flow_k)
-    hybrid = cycle([flow_k, hmc.hmc(action, 0.25, 2, "leapfrog")], [1, 1])
+    hmc_k = hmc.hmc(action, 0.25, 2, "leapfrog")
+    kernel = cycle([flow_k, hmc_k], [1, 1]) if not block else hybrid(flow, action, hmc_k, 1, block)
     phi0 = free.sample(n_chains, generator=torch.Generator().manual_seed(1))
     rng = ChainRNG(seed=3, chain_ids=range(n_chains))
     acc = []
     with torch.no_grad():
-        state = hybrid.init(phi0)
-        for _ in range(k):
-            state, info = hybrid.step(state, rng)
-            acc.append(info.infos[0][0].is_accepted.double().mean().item())
+        state = kernel.init(phi0)
+        for _ in range(k // max(block, 1)):
+            state, info = kernel.step(state, rng)
+            flow_info = info.flow if block else info.infos[0][0]
+            acc.append(flow_info.is_accepted.double().mean().item())
     phi = state.phi
     assert phi.dtype == torch.float64
     series = {"M2": phi.sum((1, 2)) ** 2}
@@ -172,8 +178,9 @@ def _free_theory_z(variant: str) -> tuple[dict[str, float], float]:
     return z, float(np.mean(acc))
 
 
-def test_hybrid_exact_on_free_theory() -> None:
-    z, acc = _free_theory_z("exact")
+@pytest.mark.parametrize("block", [0, 5])
+def test_hybrid_exact_on_free_theory(block: int) -> None:
+    z, acc = _free_theory_z("exact", block)
     assert 0.05 < acc < 0.4, acc  # the flow is poor on purpose: the MH correction matters
     assert max(abs(v) for v in z.values()) < _z_crit(4), z
 
@@ -182,6 +189,32 @@ def test_hybrid_exact_on_free_theory() -> None:
 def test_hybrid_negative_controls_fail(variant: str) -> None:
     z, _ = _free_theory_z(variant)
     assert max(abs(v) for v in z.values()) > 2 * _z_crit(4), z
+
+
+def test_block_kernel_equals_plain_cycle() -> None:
+    """hybrid(..., cycles=1) consumes each chain's stream like the plain cycle: same chains, bit
+    for bit; with cycles=B the block's records are those of its B cycles."""
+    action = Phi4Action(-1.0, 1.0, SHAPE)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        flow = build_flow(FlowConfig(SHAPE, n_layers=2, hidden=(4,), prior_sigma=0.6))
+    hmc_k = hmc.hmc(action, 0.2, 3, "omelyan", flip=True)
+    plain = cycle([imh.flow_imh(flow, action, 1), hmc_k], [1, 2])
+    block = hybrid(flow, action, hmc_k, 2, 1)
+    phi0 = torch.zeros(3, *SHAPE, dtype=torch.float64)
+    sa, sb = plain.init(phi0), block.init(phi0)
+    ra, rb = ChainRNG(1, 3), ChainRNG(1, 3)
+    for _ in range(6):
+        sa, ia = plain.step(sa, ra)
+        sb, ib = block.step(sb, rb)
+        for x, y in zip((*sa.states[0], *sa.states[1]), (*sb.states[0], *sb.states[1])):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+        assert torch.equal(ia.infos[0][0].is_accepted, ib.flow.is_accepted)
+        n_acc = sum(t.is_accepted.long() for t in ia.infos[1])
+        assert torch.equal(n_acc, ib.hmc_accepted[0])
+        assert torch.equal(ia.infos[1][-1].delta_h, ib.delta_h[0])
+    _, info = hybrid(flow, action, hmc_k, 2, 4).step(sb, rb)
+    assert info.phi.shape == (4, 3, *SHAPE) and info.flow.is_accepted.shape == (4, 3)
 
 
 # ------------------------------------------------------------------------- broken phase

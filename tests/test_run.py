@@ -164,8 +164,11 @@ def test_hybrid_resume_is_bit_identical(
     tmp_path: Path, model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Killed between commits (an exception in the 3rd append), resumed in two steps to a
-    larger n == uninterrupted, byte for byte (rows, state, generator states, counters)."""
-    cfg = RunConfig(n=23, chains=3, seed=2, thin=2, therm=3, chunk=4, hmc_traj=2,
+    larger n == uninterrupted, byte for byte (rows, state, generator states, counters).
+
+    Blocks of 5 cycles per flow call: the intermediate target (13 rows = 29 cycles) ends inside
+    a block, whose start is committed and redone on resume."""
+    cfg = RunConfig(n=23, chains=3, seed=2, thin=2, therm=3, chunk=4, hmc_traj=2, batch=5,
                     hmc=HMCSettings(warmup=10, flip=True))  # fmt: skip
     full, part = tmp_path / "full.h5", tmp_path / "part.h5"
     kw = {"model": model_path, "progress": False, "config_dtype": "float64"}
@@ -184,8 +187,11 @@ def test_hybrid_resume_is_bit_identical(
         run_ensemble(part, cfg, **kw)
     monkeypatch.undo()
     with open_ensemble(part) as ens:
-        assert ens.n == 8
+        assert ens.n == 11  # rows at cycles 4, 6, 8, ...; commits after blocks 3 and 5 (of 5)
     run_ensemble(part, replace(cfg, n=13), resume=True, **kw)
+    with open_ensemble(part) as ens:
+        _, attrs = ens.load_state()
+        assert (attrs["block_start"], attrs["steps_done"]) == (25, 29)
     s = run_ensemble(part, cfg, resume=True, **kw)
     assert s["n"] == 23 and s["steps"] == 3 + 46
     assert _dump(full) == _dump(part)

@@ -36,8 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_ensemble_options(p)
     p.add_argument("--model", type=Path, default=None, help="flow checkpoint (default: shipped "
                    "flow for L=8, m2=-4, lam=8)")
-    p.add_argument("--batch", type=int, default=1024,
-                   help="flow MH: proposals per chain per flow call (default 1024)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="flow proposals per chain per flow call (default 1024 for flow MH; 16 "
+                   "cycles for the hybrid)")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="override the checkpoint's Z2-symmetrised proposal")
     p.add_argument("--hmc-traj", type=int, default=0,
