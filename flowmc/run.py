@@ -24,8 +24,9 @@ Phases of a run:
 3. **Sampling** with the frozen kernel, exact for any settings. Step ``s`` (0-based, in MH steps
    for flow MH, trajectories for HMC, cycles for the hybrid) is recorded when ``s >= therm`` and
    ``(s - therm + 1) % thin == 0``. Rows, their wall time and the state are committed together
-   (:meth:`~flowmc.ensemble.EnsembleWriter.append`) every ``chunk`` recorded rows and at the end;
-   flow MH commits after every block by default.
+   (:meth:`~flowmc.ensemble.EnsembleWriter.append`) at the end of the first kernel step (block)
+   that brings the pending rows to ``chunk`` or more, and at the end of the run; flow MH commits
+   after every block by default.
 
 **Randomness and resume.** Every chain has its own stream (:class:`flowmc.rng.ChainRNG`, seeded by
 ``(seed, c)`` for global chain index ``c``; scheme ``"per-chain-v1"`` in ``sampler["rng"]``).
