@@ -154,6 +154,21 @@ class Flow(nn.Module):
         phi, log_det = self(z)
         return phi, self.prior.log_prob(z) - log_det
 
+    def from_noise(self, eps: Tensor, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Map given standard-normal noise to fields: ``(phi (B, *L), log_q (B,))``.
+
+        ``sample(n, generator=g)`` equals ``from_noise(torch.randn((n, *L), generator=g))``; the
+        samplers draw ``eps`` from per-chain streams (:mod:`flowmc.rng`) instead.
+
+        Args:
+            eps: ``(B, *L)`` i.i.d. N(0, 1) noise (scaled by the prior's sigma here).
+            u: ignored (accepted so that every proposal has the signature of
+                :meth:`Z2SymmetricFlow.from_noise`).
+        """
+        z = eps * self.prior.sigma
+        phi, log_det = self(z)
+        return phi, self.prior.log_prob(z) - log_det
+
     sample_and_log_prob = sample
 
     def log_prob(self, phi: Tensor) -> Tensor:
@@ -189,6 +204,14 @@ class Z2SymmetricFlow(nn.Module):
         return phi * sign.view(-1, *([1] * len(self.lattice_shape))), log_q_sym
 
     sample_and_log_prob = sample
+
+    def from_noise(self, eps: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """As :meth:`sample`, from given noise: ``eps (B, *L)`` N(0, 1) for the flow and
+        ``u (B,)`` uniforms in [0, 1) for the sign (flipped where ``u < 1/2``)."""
+        phi, log_q = self.flow.from_noise(eps)
+        log_q_sym = torch.logaddexp(log_q, _mirror(self.flow.log_prob(-phi))) - math.log(2.0)
+        sign = torch.where(u < 0.5, -1.0, 1.0).to(phi.dtype)
+        return phi * sign.view(-1, *([1] * len(self.lattice_shape))), log_q_sym
 
     def log_prob(self, phi: Tensor) -> Tensor:
         return (
