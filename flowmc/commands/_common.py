@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
-import flowmc
 from flowmc.action import Phi4Action
-from flowmc.config import POSITIVE, IntRange
+from flowmc.config import NON_NEGATIVE, POSITIVE, IntRange
 from flowmc.ensemble import check_output
-
-DEFAULT_MODELS = {
-    (8, -4.0, 8.0): "phi4_L8_m2-4_lam8.pt",
-    (8, -4.0, 1.0): "phi4_L8_m2-4_lam1.pt",
-}
-DEFAULT_MODEL = DEFAULT_MODELS[(8, -4.0, 8.0)]
-
-
-def data_dir() -> Path:
-    """The shipped ``data/`` folder (repository checkout first, then the working directory)."""
-    for cand in (Path(flowmc.__file__).resolve().parents[1] / "data", Path.cwd() / "data"):
-        if cand.is_dir():
-            return cand
-    raise FileNotFoundError("cannot find flowmc's data/ folder; pass --model explicitly")
-
-
-def default_model_path() -> Path:
-    return data_dir() / DEFAULT_MODEL
-
+from flowmc.run import HMCSettings, RunConfig
+from flowmc.shipped import (  # noqa: F401 - re-exported for the subcommands
+    DEFAULT_MODEL,
+    DEFAULT_MODELS,
+    data_dir,
+    default_model_path,
+)
 
 #: Smallest lattice extent of the commands that build an action (train, hmc): with L = 1 every
 #: site is its own neighbour (no kinetic term) and no distance-1 correlator exists, so
@@ -79,6 +63,12 @@ def add_ensemble_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=POSITIVE, default=None, help="configurations per chain (target)")
     p.add_argument("--out", type=Path, default=None, help="ensemble file (.h5)")
     p.add_argument("--chains", type=POSITIVE, default=1, help="independent chains (default 1)")
+    p.add_argument("--thin", type=POSITIVE, default=1, help="record every THIN-th step")
+    p.add_argument("--therm", type=NON_NEGATIVE, default=0,
+                   help="steps discarded per chain after warm-up, before the first record")
+    p.add_argument("--chunk", type=POSITIVE, default=None,
+                   help="recorded rows per commit to the file (default: every flow call for "
+                   "flow MH, 100 otherwise)")
     p.add_argument("--resume", action="store_true", help="continue --out to the new --n")
     p.add_argument("--force", action="store_true",
                    help="replace an existing flowmc ensemble --out (at the first commit)")
@@ -89,8 +79,49 @@ def add_ensemble_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the run summary as JSON")
 
 
+def add_hmc_options(p: argparse.ArgumentParser, title: str) -> None:
+    """HMC options, shared by ``flowmc hmc`` and the hybrid of ``flowmc sample --hmc-traj``."""
+    g = p.add_argument_group(title)
+    g.add_argument("--traj-length", type=float, default=1.0,
+                   help="trajectory length tau (default 1)")
+    g.add_argument("--integrator", choices=["omelyan", "leapfrog"], default="omelyan",
+                   help="MD integrator (default omelyan)")
+    g.add_argument("--target-accept", type=float, default=0.8,
+                   help="acceptance targeted by the step-size tuning (default 0.8)")
+    g.add_argument("--warmup", type=int, default=200,
+                   help="warm-up trajectories per chain, discarded (default 200)")
+    g.add_argument("--step-size", type=float, default=None,
+                   help="fixed step size (skips tuning; warm-up still thermalises)")
+    g.add_argument("--flip", action="store_true", help="add the exact global Z2 flip move")
+
+
+def hmc_settings(args: argparse.Namespace) -> HMCSettings:
+    """The :class:`~flowmc.run.HMCSettings` of :func:`add_hmc_options`."""
+    return HMCSettings(
+        traj_length=args.traj_length,
+        integrator=args.integrator,
+        target_accept=args.target_accept,
+        warmup=args.warmup,
+        step_size=args.step_size,
+        flip=args.flip,
+    )
+
+
+def run_config(args: argparse.Namespace, **settings: object) -> RunConfig:
+    """The :class:`~flowmc.run.RunConfig` of :func:`add_ensemble_options` plus ``settings``."""
+    return RunConfig(
+        n=args.n,
+        chains=args.chains,
+        thin=args.thin,
+        therm=args.therm,
+        seed=args.seed,
+        chunk=args.chunk,
+        **settings,
+    )
+
+
 def storage_kwargs(args: argparse.Namespace, command: str) -> dict:
-    """Keyword arguments for run_flow_mh / run_hmc from :func:`add_ensemble_options`."""
+    """Keyword arguments of :func:`flowmc.run.run_ensemble` from :func:`add_ensemble_options`."""
     import shlex
     import sys
 
@@ -112,36 +143,43 @@ def storage_kwargs(args: argparse.Namespace, command: str) -> dict:
     }
 
 
+def print_run_summary(s: dict) -> None:
+    """Print the summary of :func:`flowmc.run.run_ensemble` (any sampler)."""
+    name = s["sampler"]
+    lines = [f"{name}: {s['n']} configs x {s['chains']} chains -> {s['path']}"]
+    if "flow_acceptance" in s:
+        lines.append(
+            f"  flow acceptance {s['flow_acceptance']:.4f}, non-finite proposals "
+            f"{s['n_nonfinite']}"
+        )
+    if "hmc_acceptance" in s:
+        per = f" x {s['hmc_traj']} per cycle" if "hmc_traj" in s else ""
+        lines.append(
+            f"  HMC ({s['integrator']}{per}): step size {s['step_size']:.5g} x "
+            f"{s['num_steps']} steps, acceptance {s['hmc_acceptance']:.4f}, divergent "
+            f"{s['n_divergent']}"
+        )
+    lines.append(
+        f"  acceptance {s['acceptance']:.4f}, longest rejection run "
+        f"{s['longest_rejection_run']}"
+    )
+    if s.get("adapted_model"):
+        lines.append(f"  adapted flow: {s['adapted_model']}")
+    warm = f", warm-up {s['warmup_seconds']:.2f} s" if s.get("warmup_seconds") else ""
+    lines.append(
+        f"  {s['seconds']:.2f} s this run{warm}, {s['samples_per_second']:.0f} samples/s"
+    )
+    print("\n".join(lines))
+
+
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def _clean(obj):  # noqa: ANN001, ANN202
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items() if not str(k).startswith("_")}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+def write_json(path: str | Path, obj: dict, kind: str = "summary") -> Path:
+    """Write a JSON report through :func:`flowmc.report.write_json` (kind ``summary`` by default:
+    the run summaries of ``flowmc sample``/``flowmc hmc``); it never replaces an ensemble, a
+    checkpoint or a file flowmc did not write. Prefer calling :mod:`flowmc.report` directly."""
+    from flowmc.report import write_json as _write_json
 
-
-def write_json(path: str | Path, obj: dict) -> None:
-    """Write ``obj`` as JSON (NaN/inf become null; keys starting with '_' are dropped)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(obj), indent=2) + "\n")
-
-
-def fmt(value: float, err: float | None = None) -> str:
-    """``value ± err`` with the error to 2 significant digits."""
-    if err is None or not math.isfinite(err) or err <= 0:
-        return f"{value:.6g}"
-    digits = max(0, 1 - int(math.floor(math.log10(err))))
-    return f"{value:.{digits}f} ± {err:.{digits}f}"
+    return _write_json(path, obj, kind)
