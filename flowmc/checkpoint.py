@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import flowmc
-from flowmc import durable
+from flowmc import durable, safeio
 from flowmc.action import Phi4Action
 from flowmc.flow import Flow, FlowConfig, Z2SymmetricFlow, build_flow
 from flowmc.shipped import resolve_model_path
@@ -191,9 +191,9 @@ def load_checkpoint(
         state = ckpt.get("trainer_state")
         if not isinstance(state, dict):
             raise ValueError(
-                f"Cannot resume training from {path}: it holds no trainer state (optimizer, "
-                "step, history; e.g. a checkpoint written by a script); start a new run with "
-                "--force, or train into another --out"
+                f"{path} has no trainer state to resume (optimizer, step, history; e.g. a "
+                "checkpoint written by a script); start a new stage from it with init_from "
+                "(--init-from) instead"
             )
         _check_keys(state, _TRAINER_KEYS, f"{where} (trainer_state)", required=True)
         _check_keys(ckpt, {"train_config": dict}, where, required=True)
@@ -201,14 +201,9 @@ def load_checkpoint(
 
 
 def _identify_checkpoint(path: str) -> str | None:
-    """``None`` if the regular file ``path`` is a flowmc checkpoint, else the reason it is not."""
-    if os.path.getsize(path) == 0:
-        return "it is an empty file"
-    try:
-        load_checkpoint(path)
-    except ValueError as e:
-        return f"it does not load as one ({str(e).replace(str(path), 'the file')})"
-    return None
+    """``None`` if the regular file ``path`` is a flowmc checkpoint, else what it is."""
+    info = safeio.sniff(path)  # reads the pickle's opcodes only, never unpickles
+    return None if info.kind == "checkpoint" else f"it is {info.what}"
 
 
 def check_output(path: str | Path, *, force: bool, lock_held: bool = False) -> bool:

@@ -56,7 +56,7 @@ try:  # h5py is a declared dependency, but keep the module importable without it
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
     h5py = None
 
-from flowmc import durable
+from flowmc import durable, safeio
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -407,26 +407,9 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def _identify_ensemble(path: str) -> str | None:
-    """``None`` if the regular file ``path`` is a flowmc ensemble, else the reason it is not."""
-    with open(path, "rb") as fh:
-        head = fh.read(len(_HDF5_SIGNATURE))
-    if not head:
-        return "it is an empty file"
-    if head != _HDF5_SIGNATURE:
-        return "it is not an HDF5 file"
-    try:
-        with h5py.File(path, "r") as f:
-            fmt = _decode(f.attrs.get("format"))
-    except OSError as e:
-        if re.search(r"\block(ing)?\b", str(e).lower()):
-            raise BlockingIOError(
-                f"--force refuses to replace {path!r}: it is open in another process "
-                "(a running sampler?)"
-            ) from None
-        return "HDF5 cannot open it (truncated or corrupt)"
-    if fmt != FORMAT:
-        return "it has no 'format' attribute" if fmt is None else f"its 'format' is {fmt!r}"
-    return None
+    """``None`` if the regular file ``path`` is a flowmc ensemble, else what it is."""
+    info = safeio.sniff(path)  # the one place that tells what a file is
+    return None if info.kind == "ensemble" else f"it is {info.what}"
 
 
 def _open_for_update(path: str, mode: str) -> tuple[durable.DurableFile, h5py.File, dict]:

@@ -146,7 +146,7 @@ def test_train_resume_without_trainer_state(
     """Failed before: TypeError traceback from ``Trainer.load_state_dict(None)``."""
     ckpt = _checkpoint(tmp_path / "s.pt")  # written by a script: no trainer state
     assert main(["train", "--resume", "--out", str(ckpt), "--steps", "3", "--quiet"]) == 2
-    assert "holds no trainer state" in _err(capsys, "train")
+    assert "has no trainer state to resume" in _err(capsys, "train")
     load_model(ckpt)  # still fine for sampling
 
 

@@ -170,8 +170,8 @@ def test_force_never_replaces_what_the_command_did_not_write(
     folder.mkdir()
     cases = {
         "/dev/null": "character device",
-        str(model): "not an HDF5 file",
-        str(text): "not an HDF5 file",
+        str(model): "it is a flowmc checkpoint, so it is not a flowmc ensemble",
+        str(text): "it is a file flowmc did not write",
         str(fifo): "named pipe",
         str(link): "symbolic link",
         str(folder): "directory",
@@ -192,7 +192,8 @@ def test_force_never_replaces_what_the_command_did_not_write(
         assert main([*train, str(out)]) == 2
         assert "refuses to replace" in _one_error_line(capsys, "train")
     assert main([*train, str(model)]) == 0  # a checkpoint: replaced
-    with pytest.raises(FileExistsError, match="not a flowmc checkpoint"):
+    with pytest.raises(FileExistsError, match="it is a flowmc ensemble .HDF5., so it is not a "
+                                              "flowmc checkpoint"):
         claim_output(target, force=True)
 
 
@@ -273,7 +274,7 @@ def test_concurrent_sample_runs_and_ctrl_c(tmp_path: Path, capsys: pytest.Captur
     assert "continue with --resume" in lines[0]
     with open_ensemble(out) as ens:
         n = ens.n
-    assert f"holds n = {n} committed rows per chain" in lines[0] and n % 64 == 0 and n > 0
+    assert f"holds n = {n} committed rows per chain" in lines[0] and n % 64 == 0
     ref = tmp_path / "ref.h5"
     assert main(["sample", *args, "--n", str(n + 64), "--out", str(ref)]) == 0
     assert main(["sample", *args, "--n", str(n + 64), "--out", str(out), "--resume"]) == 0
