@@ -45,6 +45,7 @@ import socket
 import stat
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -329,6 +330,17 @@ class DurableFile(io.RawIOBase):
         super().close()
 
 
+#: errno values of file systems without ``flock`` (some network and parallel file systems)
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
+
+
+def _locks_unsupported(path: str) -> None:
+    warnings.warn(
+        f"file locking is not supported where {path!r} lives; flowmc cannot stop a second "
+        "writer of this output", RuntimeWarning, stacklevel=3,
+    )
+
+
 def _flock(fd: int, *, exclusive: bool, what: str) -> None:
     if fcntl is None:  # pragma: no cover
         return
@@ -339,6 +351,10 @@ def _flock(fd: int, *, exclusive: bool, what: str) -> None:
             f"{what!r} is open in another process (is a sampler or an analysis still using "
             "it?); wait for it to finish"
         ) from None
+    except OSError as e:  # pragma: no cover - depends on the file system
+        if e.errno not in _NO_LOCKS:
+            raise
+        _locks_unsupported(what)
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -409,6 +425,12 @@ class NameLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise self._busy(fd) from None
+            except OSError as e:  # pragma: no cover - depends on the file system
+                os.close(fd)
+                if e.errno not in _NO_LOCKS:
+                    raise
+                _locks_unsupported(self.path)
+                return self
             except BaseException:
                 os.close(fd)
                 raise
@@ -446,6 +468,8 @@ class NameLock:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             raise self._busy(fd) from None
+        except OSError:  # pragma: no cover - no locks on this file system
+            pass
         os.close(fd)
 
     def release(self) -> None:
@@ -556,6 +580,9 @@ def check_replaceable(
             raise BlockingIOError(
                 f"{refuse} it is open in another process (a running sampler or analysis?)"
             ) from None
+        except OSError as e:  # pragma: no cover - depends on the file system
+            if e.errno not in _NO_LOCKS:
+                raise
         finally:
             os.close(fd)
     return True
