@@ -1,7 +1,7 @@
 r"""Durable, exclusive output files: loud write failures, fsync, name locks, atomic publication.
 
 flowmc's writers (ensembles in :mod:`flowmc.ensemble`, checkpoints in :mod:`flowmc.checkpoint`)
-share four rules, implemented once here (standard library only):
+share five rules, implemented once here (standard library only):
 
 * **A failed write is never silent.** :class:`DurableFile` is the binary file that HDF5 writes
   through (h5py's ``fileobj`` driver). It performs every write itself, so no error can be lost
@@ -22,7 +22,6 @@ share four rules, implemented once here (standard library only):
   decides whether ``--force`` may replace an existing file: only a regular file that the
   command itself writes (a flowmc ensemble, a flowmc checkpoint), and only if no other process
   holds it.
-
 * **A full disk is found before a commit writes anything.** :meth:`DurableFile.reserve`
   allocates (``posix_fallocate``) generously more than a commit will write before it starts,
   so that ``ENOSPC`` hits there, leaving the file untouched and consistent, and not in the
