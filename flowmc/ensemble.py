@@ -1,4 +1,4 @@
-r"""HDF5 storage of Markov chain ensembles: one file per run, crash-safe appends, exact resume.
+r"""HDF5 storage of Markov chain ensembles: one file per run, durable commits, exact resume.
 
 Both samplers (flow independence Metropolis-Hastings and HMC) write through
 :class:`EnsembleWriter`; analysis reads through :class:`Ensemble` (read-only, lazy). The layer is
@@ -14,11 +14,16 @@ Layout (``n`` configurations per chain, ``C`` chains, lattice ``L``)::
     /chunks/end             (k,)        int64   row index after each chunk
     /state/slot0, slot1     sampler state, double-buffered (attrs n, seq, attrs_json)
 
-Crash safety: the root attribute ``n`` is the only source of truth. :meth:`EnsembleWriter.append`
-writes rows, chunk timing and the sampler state, flushes, and only then updates ``n`` and flushes
-again, so a process killed at any moment leaves a file whose first ``n`` rows and state are those
-of the last completed :meth:`~EnsembleWriter.append`. Rows beyond ``n`` are ignored on read and
-truncated on resume.
+Durability: the root attribute ``n`` is the only source of truth. :meth:`EnsembleWriter.append`
+reserves disk space, writes rows, chunk timing and the sampler state, flushes and ``fsync``-s, and
+only then updates ``n``, flushes and ``fsync``-s again, so a process killed (or a machine that
+loses power) at any moment leaves a file whose first ``n`` rows and state are those of the last
+completed commit. Every write goes through :class:`flowmc.durable.DurableFile`, so a failed write
+(full disk, I/O error) is never silent: it raises, poisons the writer and leaves the last commit.
+A new file appears under its name only at its first commit; a writer holds its output name
+(``.<name>.lock``) until it is closed; a file not closed cleanly is rebuilt from its committed
+part when resumed. Rows beyond ``n`` are ignored on read and truncated on resume. Details and
+the remaining risks: ``docs/ensemble-format.md``, "Durability".
 
 Example:
     >>> import numpy as np, tempfile, os
