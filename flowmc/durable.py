@@ -260,11 +260,23 @@ class DurableFile(io.RawIOBase):
         return size
 
     def trim(self) -> None:
-        """Shrink the file to HDF5's end of allocated space (drops unused reserved space)."""
-        if self.error is None and os.fstat(self._fileno()).st_size > self._eoa:
+        """After HDF5 closed the file: drop unused reserved space beyond its end of allocation.
+
+        The end of allocation is read from the file's own superblock (version 0, as h5py
+        writes by default), which HDF5 has just written, so the file is never cut below what
+        HDF5 allocated; with any other superblock nothing is trimmed.
+        """
+        if self.error is not None:
+            return
+        head = os.pread(self._fileno(), 48, 0)
+        if len(head) < 48 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] != 0 or head[13] != 8:
+            return
+        base, eoa = int.from_bytes(head[24:32], "little"), int.from_bytes(head[40:48], "little")
+        end = base + eoa
+        if base == 0 and 0 < end < os.fstat(self._fileno()).st_size:
             try:
-                _hook("truncate", self.path, self._eoa)
-                os.ftruncate(self._fileno(), self._eoa)
+                _hook("truncate", self.path, end)
+                os.ftruncate(self._fileno(), end)
             except OSError as e:
                 self._fail(e)
 
