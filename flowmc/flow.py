@@ -23,6 +23,7 @@ from flowmc.action import check_field
 from flowmc.couplings import AffineCoupling, checkerboard
 from flowmc.nets import PeriodicCNN
 from flowmc.prior import GaussianPrior
+from flowmc.spectral import MomentumScaling, ZeroModeSpline
 from flowmc.splines import SplineCoupling
 
 __all__ = ["Flow", "FlowConfig", "build_flow", "Z2SymmetricFlow"]
@@ -42,6 +43,12 @@ class FlowConfig:
         equivariant: make every layer commute with phi -> -phi.
         s_max: bound on the per-layer log-scale.
         prior_sigma: standard deviation of the i.i.d. Gaussian prior.
+        momentum: put a :class:`~flowmc.spectral.MomentumScaling` layer first (learned
+            :math:`\sigma(k)` per momentum orbit: the Gaussian long-distance part).
+        zero_mode_bins: bins of an odd :class:`~flowmc.spectral.ZeroModeSpline` of the
+            magnetisation (0: none); ``extra`` may set ``zero_mode_bound`` (default 1.5) and
+            ``zero_mode_position`` (``"first"``: after the momentum layer, default; ``"last"``).
+        extra: coupling-specific settings (spline: ``n_bins``, ``spline_bound``).
     """
 
     lattice_shape: tuple[int, ...]
@@ -53,6 +60,8 @@ class FlowConfig:
     equivariant: bool = False
     s_max: float = 4.0
     prior_sigma: float = 1.0
+    momentum: bool = False
+    zero_mode_bins: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,6 +71,13 @@ class FlowConfig:
             raise ValueError(f"Expected n_layers >= 1; got {self.n_layers}")
         if self.coupling not in COUPLINGS:
             raise ValueError(f"Expected coupling in {sorted(COUPLINGS)}; got {self.coupling!r}")
+        if self.zero_mode_bins < 0 or self.zero_mode_bins == 1:
+            raise ValueError(f"Expected zero_mode_bins 0 or >= 2; got {self.zero_mode_bins}")
+        if self.extra.get("zero_mode_position", "first") not in ("first", "last"):
+            raise ValueError(
+                "Expected extra['zero_mode_position'] 'first' or 'last'; got "
+                f"{self.extra['zero_mode_position']!r}"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -93,9 +109,9 @@ def _affine_layer(cfg: FlowConfig, parity: int) -> nn.Module:
 
 
 def _spline_layer(cfg: FlowConfig, parity: int) -> nn.Module:
-    """Rational-quadratic spline coupling; ``cfg.extra`` may set ``n_bins`` and ``spline_bound``."""
-    if cfg.equivariant:
-        raise ValueError("Expected equivariant=False for coupling 'spline' (not Z2-odd)")
+    """Rational-quadratic spline coupling; ``cfg.extra`` may set ``n_bins`` and ``spline_bound``.
+
+    ``cfg.equivariant`` gives the sign-canonicalised Z2-equivariant spline coupling."""
     n_bins = int(cfg.extra.get("n_bins", 8))
     net = PeriodicCNN(
         len(cfg.lattice_shape), 1, 3 * n_bins - 1, cfg.hidden, cfg.kernel_size, cfg.activation
@@ -105,6 +121,7 @@ def _spline_layer(cfg: FlowConfig, parity: int) -> nn.Module:
         net,
         n_bins=n_bins,
         bound=float(cfg.extra.get("spline_bound", 4.0)),
+        equivariant=cfg.equivariant,
     )
 
 
@@ -207,5 +224,16 @@ def build_flow(config: FlowConfig) -> Flow:
     """Construct a :class:`Flow` from its configuration (layers alternate parity 0, 1, 0, ...)."""
     prior = GaussianPrior(config.lattice_shape, config.prior_sigma)
     factory = COUPLINGS[config.coupling]
-    layers = [factory(config, i % 2) for i in range(config.n_layers)]
+    layers: list[nn.Module] = [factory(config, i % 2) for i in range(config.n_layers)]
+    if config.zero_mode_bins:
+        zm = ZeroModeSpline(
+            config.lattice_shape,
+            n_bins=config.zero_mode_bins,
+            bound=float(config.extra.get("zero_mode_bound", 1.5)),
+            odd=True,
+        )
+        first = config.extra.get("zero_mode_position", "first") == "first"
+        layers = [zm, *layers] if first else [*layers, zm]
+    if config.momentum:
+        layers = [MomentumScaling(config.lattice_shape), *layers]
     return Flow(prior, layers, config)

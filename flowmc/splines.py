@@ -115,17 +115,25 @@ class SplineCoupling(nn.Module):
     :math:`y = m\odot g_\theta(x) + (1-m)\odot x` with :math:`\theta = \mathrm{net}((1-m)\odot x)`
     and :math:`g_\theta` the spline of :func:`rq_spline` (identity outside :math:`[-B, B]`).
 
+    With ``equivariant=True`` the layer commutes with :math:`\phi\to-\phi`: the spline
+    parameters are symmetrised so that :math:`g_{\theta(-c)}(-x) = -g_{\theta(c)}(x)` (see
+    :meth:`_params`); the conditioner then runs on :math:`\pm c`, twice the cost.
+
     Args:
         mask: ``(*L)`` tensor of 0/1, 1 = transformed sites.
         net: conditioner mapping ``(B, 1, *L)`` to ``(B, 3K-1, *L)``.
         n_bins: number of spline bins :math:`K`.
         bound: half-width :math:`B` of the spline interval.
+        equivariant: make the layer :math:`\mathbb{Z}_2` equivariant (see above).
 
     Raises:
         ValueError: if ``n_bins < 2`` or ``bound <= 0``.
     """
 
-    def __init__(self, mask: Tensor, net: nn.Module, n_bins: int = 8, bound: float = 4.0) -> None:
+    def __init__(
+        self, mask: Tensor, net: nn.Module, n_bins: int = 8, bound: float = 4.0,
+        equivariant: bool = False,
+    ) -> None:
         super().__init__()
         if n_bins < 2:
             raise ValueError(f"Expected n_bins >= 2; got {n_bins}")
@@ -138,11 +146,27 @@ class SplineCoupling(nn.Module):
         self.net = net
         self.n_bins = int(n_bins)
         self.bound = float(bound)
+        self.equivariant = bool(equivariant)
+
+    def _params(self, frozen: Tensor) -> Tensor:
+        """Spline parameters ``(B, 3K-1, *L)`` from the frozen sites; Z2-symmetrised if asked:
+        :math:`\theta(c) = \frac12[\mathrm{net}(c) + R\,\mathrm{net}(-c)]`, with :math:`R` the
+        mirror :math:`x\to-x` of a spline (bin widths, heights and knot derivatives reversed),
+        so :math:`\theta(-c) = R\theta(c)` and :math:`g_{\theta(-c)}(-x) = -g_{\theta(c)}(x)`."""
+        if not self.equivariant:
+            return self.net(frozen.unsqueeze(1))
+        both = self.net(torch.cat([frozen, -frozen], 0).unsqueeze(1))
+        plus, minus = both.chunk(2, 0)
+        k = self.n_bins
+        mirrored = torch.cat(
+            [minus[:, :k].flip(1), minus[:, k : 2 * k].flip(1), minus[:, 2 * k :].flip(1)], 1
+        )
+        return 0.5 * (plus + mirrored)
 
     def _transform(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         k = self.n_bins
         frozen = x * (1 - self.mask)
-        params = self.net(frozen.unsqueeze(1))  # (B, 3K-1, *L)
+        params = self._params(frozen)  # (B, 3K-1, *L)
         bsz = x.shape[0]
         params = params.flatten(2).index_select(2, self.active).transpose(1, 2)  # (B, A, 3K-1)
         flat = x.flatten(1)
