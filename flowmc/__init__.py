@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 from flowmc.action import FreeTheory, Phi4Action, hopping_to_standard, standard_to_hopping
 from flowmc.autocorr import AutocorrError, gamma_analysis, kish_ess
@@ -11,6 +11,7 @@ from flowmc.ensemble import open_ensemble
 from flowmc.flow import Flow, FlowConfig, Z2SymmetricFlow, build_flow
 from flowmc.interop import to_inference_data
 from flowmc.prior import GaussianPrior
+from flowmc.shipped import shipped_model_path, shipped_models
 
 __all__ = [
     "__version__",
@@ -24,6 +25,8 @@ __all__ = [
     "Z2SymmetricFlow",
     "build_flow",
     "load_model",
+    "shipped_models",
+    "shipped_model_path",
     "open_ensemble",
     "to_inference_data",
     "gamma_analysis",

@@ -29,6 +29,7 @@ import torch
 import flowmc
 from flowmc.action import Phi4Action
 from flowmc.flow import Flow, FlowConfig, Z2SymmetricFlow, build_flow
+from flowmc.shipped import resolve_model_path
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "LoadedModel", "FORMAT"]
 
@@ -143,16 +144,18 @@ def load_model(
     """Restore a trained flow.
 
     Args:
-        path: checkpoint file.
+        path: checkpoint file, or the name of a shipped flow (``"phi4_L8_m2-4_lam8"``; see
+            :func:`flowmc.shipped_models`). An existing file of that name wins.
         device: where to put the model.
         dtype: parameter dtype.
         lattice_shape: if given, the lattice the caller expects (error if different).
         symmetric: override the checkpoint's choice of Z2-symmetrised proposal.
 
     Raises:
+        FileNotFoundError: if ``path`` is neither a file nor a shipped flow's name.
         ValueError: if the checkpoint is for another lattice than ``lattice_shape``.
     """
-    path = Path(path)
+    path = resolve_model_path(path)
     ckpt = load_checkpoint(path)
     config = FlowConfig.from_dict(ckpt["flow_config"])
     if lattice_shape is not None and tuple(lattice_shape) != tuple(config.lattice_shape):

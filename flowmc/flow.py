@@ -26,7 +26,7 @@ from flowmc.prior import GaussianPrior
 from flowmc.spectral import MomentumScaling, ZeroModeSpline
 from flowmc.splines import SplineCoupling
 
-__all__ = ["Flow", "FlowConfig", "build_flow", "Z2SymmetricFlow"]
+__all__ = ["Flow", "FlowConfig", "build_flow", "Z2SymmetricFlow", "transfer_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -237,3 +237,78 @@ def build_flow(config: FlowConfig) -> Flow:
     if config.momentum:
         layers = [MomentumScaling(config.lattice_shape), *layers]
     return Flow(prior, layers, config)
+
+
+def transfer_state_dict(
+    state_dict: dict[str, Tensor], old_config: FlowConfig, new_config: FlowConfig
+) -> dict[str, Tensor]:
+    """Carry a flow's weights to another lattice size of the same architecture (e.g. L → 2L).
+
+    The flow of ``new_config`` is built as a template, and every entry of its state dict is
+    filled in as follows:
+
+    * a submodule that defines ``resample_state(state_dict, old_lattice_shape,
+      new_lattice_shape) -> state_dict`` receives its own entries of ``state_dict`` (prefix
+      removed) and returns its entries for the new lattice (a layer with lattice-shaped
+      parameters, e.g. in momentum space, implements this hook; the outermost such module
+      handles everything beneath it);
+    * a buffer whose trailing dimensions are the old lattice (a checkerboard mask) is taken from
+      the template: it is determined by the new configuration;
+    * any other tensor (convolution weights and biases) must have the same shape in both and is
+      copied unchanged — CNN conditioners with periodic padding are lattice-size agnostic.
+
+    Args:
+        state_dict: the old flow's ``state_dict()``.
+        old_config: the configuration that built it.
+        new_config: the target configuration (normally ``old_config`` with another
+            ``lattice_shape``).
+
+    Returns:
+        A state dict that ``build_flow(new_config).load_state_dict`` accepts.
+
+    Raises:
+        ValueError: if the lattice dimension differs, the entries do not match (another
+            architecture), or a parameter's shape depends on the lattice and no module handles it.
+    """
+    old_shape, new_shape = tuple(old_config.lattice_shape), tuple(new_config.lattice_shape)
+    if len(old_shape) != len(new_shape):
+        raise ValueError(
+            f"Expected a flow of the same lattice dimension; got {old_shape} -> {new_shape}"
+        )
+    with torch.random.fork_rng(devices=[]):  # the template's random init is discarded
+        template = build_flow(new_config)
+    target = template.state_dict()
+    params = {name for name, _ in template.named_parameters()}
+    hooks = {}
+    for name, module in template.named_modules():
+        if name and hasattr(module, "resample_state"):
+            if not any(name.startswith(h + ".") for h in hooks):
+                hooks[name] = module
+    out: dict[str, Tensor] = {}
+    for name, module in hooks.items():
+        prefix = name + "."
+        sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        new_sub = module.resample_state(sub, old_shape, new_shape)
+        out.update({prefix + k: v for k, v in new_sub.items()})
+    handled = tuple(h + "." for h in hooks)
+    rest_old = {k for k in state_dict if not k.startswith(handled)}
+    rest_new = {k for k in target if not k.startswith(handled)}
+    if rest_old != rest_new:
+        missing, unexpected = sorted(rest_new - rest_old)[:4], sorted(rest_old - rest_new)[:4]
+        raise ValueError(
+            "Expected the same architecture in both configurations; state dict entries differ: "
+            f"missing {missing}, unexpected {unexpected}"
+        )
+    for key in sorted(rest_new):
+        old, new = state_dict[key], target[key]
+        lattice_shaped = tuple(old.shape[-len(old_shape):]) == old_shape if old.dim() else False
+        if key not in params and lattice_shaped:
+            out[key] = new.clone()
+        elif tuple(old.shape) == tuple(new.shape):
+            out[key] = old.detach().clone()
+        else:
+            raise ValueError(
+                f"Expected {key!r} to have a lattice-independent shape or its module to define "
+                f"resample_state; got {tuple(old.shape)} -> {tuple(new.shape)}"
+            )
+    return out

@@ -3,9 +3,9 @@
 Nearer the transition than the shipped (8, -4, 1) point: by default L = 16, m2 = -4, lam = 3
 (broken at L = 16: the HMC histogram of m is bimodal and plain HMC rarely tunnels). Steps:
 
-1. HMC reference: ``C`` chains, ordered start at +phi0, step size tuned by dual averaging, then frozen;
-   once *with* the exact global flip (the reference) and once *without* (sign changes of m per
-   trajectory measure how rare tunnelling is; the m histogram shows the two modes).
+1. HMC reference: ``C`` chains, ordered start at +phi0, step size tuned by dual averaging, then
+   frozen; once *with* the exact global flip (the reference) and once *without* (sign changes of
+   m per trajectory measure how rare tunnelling is; the m histogram shows the two modes).
 2. A flow trained by reverse KL with the CLI default for a Z2-symmetric action
    (trained plain, sampled through q_s = [q(phi) + q(-phi)]/2 when sign-imbalanced), the default
    recipe's architecture (``--recipe``) and a modest step budget (or ``--model`` to reuse a
@@ -40,10 +40,8 @@ from flowmc import hmc, imh
 from flowmc.action import Phi4Action
 from flowmc.autocorr import gamma_analysis
 from flowmc.checkpoint import load_model, machine_info
-from flowmc.evaluate import evaluate_flow, needs_symmetrisation
-from flowmc.flow import Z2SymmetricFlow, build_flow
-from flowmc.recipes import get_recipe, override
-from flowmc.train import Trainer
+from flowmc.evaluate import evaluate_flow
+from flowmc.workflow import train_flow
 
 FULL = {"L": 16, "lam": 3.0, "train_steps": 300, "n": 4096, "chains": 4, "hmc_chains": 16,
         "hmc_traj": 2000, "hmc_warmup": 200, "eval_n": 10240}  # fmt: skip
@@ -123,26 +121,21 @@ def run_hmc(action: Phi4Action, cfg: dict, *, flip: bool, seed: int) -> dict:
     return out
 
 
-def train_flow(
+def train(
     action: Phi4Action, cfg: dict, seed: int, recipe: str = "default"
 ) -> tuple[torch.nn.Module, dict]:
-    flow_cfg, train_cfg = get_recipe(recipe, tuple(action.lattice_shape))
-    train_cfg = override(train_cfg, n_steps=cfg["train_steps"])
-    torch.manual_seed(seed)
-    flow = build_flow(flow_cfg)
-    trainer = Trainer(flow, action, train_cfg, generator=torch.Generator().manual_seed(seed))
-    trainer.run(progress=False)
-    flow.eval()
-    for p in flow.parameters():
+    res = train_flow(action, recipe=recipe, train_overrides={"n_steps": cfg["train_steps"]},
+                     seed=seed, progress=False)  # the library workflow, incl. its Z2 rule
+    for p in res.flow.parameters():
         p.requires_grad_(False)
-    symmetric = needs_symmetrisation(flow, action)  # the train command's rule
-    tail = trainer.history["ess"][-50:]
+    tail = res.history["ess"][-50:]
     info = {
-        "recipe": recipe, "flow_config": flow_cfg.to_dict(), "train_config": train_cfg.to_dict(),
-        "symmetric": symmetric, "train_seconds": trainer.elapsed,
+        "recipe": recipe, "flow_config": res.flow.config.to_dict(),
+        "train_config": res.trainer.config.to_dict(), "symmetric": res.symmetric,
+        "train_seconds": res.training_time_s,
         "batch_ess_last50": float(np.mean(tail)) if tail else None,
     }  # fmt: skip
-    return (Z2SymmetricFlow(flow) if symmetric else flow), info
+    return res.proposal, info
 
 
 @torch.no_grad()
@@ -210,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"Expected a model for {action!r}; got one for {model.action!r}")
         proposal, res["flow_training"] = model.proposal, {"model": str(args.model)}
     else:
-        proposal, res["flow_training"] = train_flow(action, cfg, args.seed, args.recipe)
+        proposal, res["flow_training"] = train(action, cfg, args.seed, args.recipe)
     ev = evaluate_flow(proposal, action, cfg["eval_n"], generator=torch.Generator().manual_seed(7))
     res["flow_eval"] = {k: ev[k] for k in ("n", "ess", "ess_batch_mean", "ess_batch_err",
                                            "mh_acceptance", "frac_m_positive",
@@ -224,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{name:10s} acc {r['acceptance']:.3f}  <m> {r['m'][0]:+.4f}({r['m'][1]:.4f})  "
             f"<|m|> {r['abs_m'][0]:.4f}({r['abs_m'][1]:.4f})  tau_m {r['tau_int_m'][0]:.2f}  "
-            f"tau_|m| {r['tau_int_abs_m'][0]:.2f}  s/eff(|m|) {r['seconds_per_eff_sample_abs_m']:.2e}"
+            f"tau_|m| {r['tau_int_abs_m'][0]:.2f}  "
+            f"s/eff(|m|) {r['seconds_per_eff_sample_abs_m']:.2e}"
         )
     print(f"flow ESS {ev['ess']:.3f}, frac M>0 {ev['frac_m_positive']:.3f}; total "
           f"{res['seconds_total']:.1f} s -> {args.out}")  # fmt: skip

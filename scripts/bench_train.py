@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from flowmc.action import Phi4Action
-from flowmc.checkpoint import machine_info, save_checkpoint
 from flowmc.evaluate import evaluate_flow
-from flowmc.flow import Z2SymmetricFlow, build_flow
-from flowmc.recipes import get_recipe, override
+from flowmc.flow import Z2SymmetricFlow
+from flowmc.recipes import get_recipe
 from flowmc.train import Trainer
+from flowmc.workflow import train_flow
 
 POINTS = {
     "t1": {"L": 8, "m2": -4.0, "lam": 8.0, "recipes": ["seed", "default"]},
@@ -57,28 +57,21 @@ def loadavg() -> list[float]:
 def bench_one(point: str, recipe: str, args: argparse.Namespace) -> dict:
     p = POINTS[point]
     action = Phi4Action(p["m2"], p["lam"], (p["L"], p["L"]))
-    flow_cfg, train_cfg = get_recipe(recipe, action.lattice_shape)
+    steps = get_recipe(recipe, action.lattice_shape)[1].n_steps
     if args.quick:
-        train_cfg = override(train_cfg, n_steps=min(train_cfg.n_steps, 30))
+        steps = min(steps, 30)
     if args.steps is not None:
-        train_cfg = override(train_cfg, n_steps=args.steps)
+        steps = args.steps
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    torch.manual_seed(args.seed)
-    flow = build_flow(flow_cfg).to(dtype)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    trainer = Trainer(flow, action, train_cfg, generator=gen)
-    n_params = sum(q.numel() for q in flow.parameters())
-    every = args.eval_every or max(train_cfg.n_steps // 10, 1)
+    every = args.eval_every or max(steps // 10, 1)
     curve: list[dict] = []
 
-    def proposal() -> torch.nn.Module:
-        return Z2SymmetricFlow(flow) if train_cfg.symmetric else flow
-
     def checkpoint(tr: Trainer) -> None:
-        flow.eval()
-        r = evaluate_flow(proposal(), action, args.curve_n, batch_size=args.curve_n,
+        proposal = Z2SymmetricFlow(tr.flow) if tr.config.symmetric else tr.flow
+        tr.flow.eval()
+        r = evaluate_flow(proposal, action, args.curve_n, batch_size=args.curve_n,
                           generator=torch.Generator().manual_seed(10_000 + tr.step_count))
-        flow.train()
+        tr.flow.train()
         curve.append({"step": tr.step_count, "train_time_s": round(tr.elapsed, 3),
                       "ess": r["ess"], "mh_acceptance": r["mh_acceptance"], "f_q": r["f_q"]})
         print(f"  [{point}/{recipe}] step {tr.step_count:6d}  t {tr.elapsed:7.1f} s  "
@@ -86,20 +79,17 @@ def bench_one(point: str, recipe: str, args: argparse.Namespace) -> dict:
 
     load0 = loadavg()
     cpu0 = time.process_time()
-    trainer.run(progress=False, callback=checkpoint, callback_every=every)
+    result = train_flow(
+        action, recipe=recipe, train_overrides={"n_steps": steps}, seed=args.seed, dtype=dtype,
+        out=None if args.save_dir is None else Path(args.save_dir) / f"{point}_{recipe}.pt",
+        force=True, checkpoint_every=0, progress=False, callback=checkpoint, callback_every=every,
+        record={"script": "scripts/bench_train.py", **vars(args)},
+    )  # the library workflow, as `flowmc train` (incl. its Z2 rule)
     cpu_train = time.process_time() - cpu0  # includes the checkpoints; reported for reference
     load1 = loadavg()
-    flow.eval()
-    if args.save_dir is not None:
-        save_checkpoint(
-            Path(args.save_dir) / f"{point}_{recipe}.pt", flow, action,
-            symmetric=train_cfg.symmetric, train_config=train_cfg.to_dict(),
-            trainer_state=trainer.state_dict(),
-            resolved_config={"script": "scripts/bench_train.py", **vars(args)},
-            meta={"training_time_s": trainer.elapsed, "machine": machine_info(),
-                  "recipe": recipe, "dtype": args.dtype, "device": "cpu"},
-        )
-    res = evaluate_flow(proposal(), action, args.n_eval, batch_size=1024,
+    trainer, flow_cfg, train_cfg = result.trainer, result.flow.config, result.trainer.config
+    n_params = sum(q.numel() for q in result.flow.parameters())
+    res = evaluate_flow(result.proposal, action, args.n_eval, batch_size=1024,
                         generator=torch.Generator().manual_seed(args.seed + 2))
     batches = np.asarray(res["ess_batches"])
     return {
@@ -108,6 +98,7 @@ def bench_one(point: str, recipe: str, args: argparse.Namespace) -> dict:
         "recipe": recipe,
         "flow_config": flow_cfg.to_dict(),
         "train_config": train_cfg.to_dict(),
+        "symmetric": result.symmetric,
         "n_params": n_params,
         "steps": trainer.step_count,
         "skipped_steps": trainer.skipped_steps,

@@ -33,16 +33,13 @@ import numpy as np
 import torch
 
 from flowmc.action import Phi4Action
-from flowmc.checkpoint import load_checkpoint, load_model, machine_info, save_checkpoint
+from flowmc.checkpoint import load_checkpoint, load_model, machine_info
 from flowmc.commands._common import write_json
 from flowmc.compare import compare
 from flowmc.ensemble import open_ensemble
-from flowmc.evaluate import needs_symmetrisation
-from flowmc.flow import build_flow
 from flowmc.hmc_run import HMCRunConfig, run_hmc
-from flowmc.recipes import get_recipe, override
 from flowmc.sampler import FlowMHConfig, run_flow_mh
-from flowmc.train import Trainer
+from flowmc.workflow import train_flow
 
 M2 = -4.0
 POINTS = {  # name: (L, lam)
@@ -108,28 +105,16 @@ def get_flow(name: str, action: Phi4Action, args: argparse.Namespace) -> Path:
         print(f"[{name}] using flow {path} "
               f"(training {ckpt.get('meta', {}).get('training_time_s', float('nan')):.1f} s)")
         return path
-    flow_cfg, train_cfg = get_recipe("default", action.lattice_shape)
-    if args.quick:
-        flow_cfg = override(flow_cfg, n_layers=4)
-    train_cfg = override(train_cfg, n_steps=args.train_steps)
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    flow = build_flow(flow_cfg).to(device=device, dtype=torch.float32)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    trainer = Trainer(flow, action, train_cfg, generator=gen)
-    print(f"[{name}] training {train_cfg.n_steps} steps (recipe 'default')", flush=True)
-    trainer.run(progress=not args.quiet)
-    flow.eval()
-    symmetric = needs_symmetrisation(flow, action)  # the train command's rule
-    save_checkpoint(
-        path, flow, action, symmetric=symmetric, train_config=train_cfg.to_dict(),
-        trainer_state=trainer.state_dict(),
-        meta={"training_time_s": trainer.elapsed, "machine": machine_info(),
-              "recipe": "default", "device": str(device), "dtype": "float32",
-              "script": "scripts/compare_e_series.py"},
-    )
-    ess = np.mean(trainer.history["ess"][-50:]) if trainer.history["ess"] else float("nan")
-    print(f"[{name}] trained in {trainer.elapsed:.1f} s, batch ESS {ess:.3f} -> {path}")
+    print(f"[{name}] training (recipe 'default')", flush=True)
+    res = train_flow(
+        action, recipe="default", flow_overrides={"n_layers": 4} if args.quick else None,
+        train_overrides={"n_steps": args.train_steps}, seed=args.seed, device=args.device,
+        out=path, checkpoint_every=0, progress=not args.quiet,
+        meta={"script": "scripts/compare_e_series.py"},
+    )  # the library workflow, as `flowmc train` (incl. its Z2 rule)
+    h = res.history
+    ess = np.mean(h["ess"][-50:]) if h["ess"] else float("nan")
+    print(f"[{name}] trained in {res.training_time_s:.1f} s, batch ESS {ess:.3f} -> {path}")
     return path
 
 
@@ -254,7 +239,7 @@ def plot(rows: list[dict], path: Path) -> None:
         L = [r["L"] for r in pts]
         lab = [r["name"] for r in pts]
 
-        def col(key: str, field: str) -> list[float]:
+        def col(key: str, field: str, pts: list[dict] = pts) -> list[float]:
             return [(r[key].get("chi2") or {}).get(field) or np.nan for r in pts]
 
         ax1.errorbar(L, col("flow", "tau_int"), yerr=col("flow", "tau_int_error"),

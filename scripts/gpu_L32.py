@@ -18,8 +18,10 @@ Recipe (the L=8 ``default`` recipe scaled up; see docs/recipes.md for why each c
 * the final ``--path-steps`` use the path-gradient estimator (Vaitl et al. arXiv:2207.08219),
   whose variance vanishes as q -> p, to polish the flow.
 
-Outputs: a flowmc checkpoint (``--out``, loadable by ``flowmc eval --model``) and a JSON report
-(``--json``) with the training curve and the final ESS / MH acceptance on ``--n-eval`` samples.
+Outputs: a flowmc checkpoint (``--out``, loadable by ``flowmc eval --model``; the earlier stages
+are kept next to it as ``OUT.stage<i>.pt`` and recorded in its ``meta["init_from"]`` chain) and a
+JSON report (``--json``) with the training curve and the final ESS / MH acceptance on
+``--n-eval`` samples.
 
 Examples::
 
@@ -39,10 +41,10 @@ from pathlib import Path
 import torch
 
 from flowmc.action import Phi4Action
-from flowmc.checkpoint import machine_info, save_checkpoint
 from flowmc.evaluate import evaluate_flow
-from flowmc.flow import FlowConfig, build_flow
-from flowmc.train import TrainConfig, Trainer
+from flowmc.flow import FlowConfig
+from flowmc.train import TrainConfig
+from flowmc.workflow import train_flow
 
 
 def build(args: argparse.Namespace) -> tuple[Phi4Action, FlowConfig]:
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", default="64,64,64")
     ap.add_argument("--kernel", type=int, default=3)
     ap.add_argument("--bins", type=int, default=8)
-    ap.add_argument("--bound", type=float, default=2.5, help="spline half-width (>= 5 prior sigmas)")
+    ap.add_argument("--bound", type=float, default=2.5,
+                    help="spline half-width (>= 5 prior sigmas)")
     ap.add_argument("--prior-sigma", type=float, default=0.5)
     ap.add_argument("--steps", type=int, default=20000, help="reverse-KL steps over all stages")
     ap.add_argument("--batches", default="256,512,1024,2048", help="batch-size ramp")
@@ -115,41 +118,48 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
 
     action, flow_cfg = build(args)
-    torch.manual_seed(args.seed)
-    flow = build_flow(flow_cfg).to(device=device, dtype=dtype)
-    gen = torch.Generator(device).manual_seed(args.seed + 1)
+    # every stage is one library call; stage i > 0 starts from stage i - 1's checkpoint
+    # (init_from: weights kept, fresh Adam state), so the final checkpoint's meta counts the
+    # training time of all stages (training_time_total_s)
+    cfgs = stages(args)
     history: list[dict] = []
+    prev: Path | None = None
     t0 = time.perf_counter()
-    for i, cfg in enumerate(stages(args)):
-        trainer = Trainer(flow, action, cfg, generator=gen)  # fresh Adam state per stage
-        trainer.run(progress=not args.smoke)
-        h = trainer.history
+    for i, cfg in enumerate(cfgs):
+        last = i == len(cfgs) - 1
+        path = args.out if last else args.out.with_name(f"{args.out.stem}.stage{i}.pt")
+        res = train_flow(
+            action, flow_config=None if prev else flow_cfg, train_config=cfg,
+            seed=args.seed + i, device=device, dtype=dtype, out=path, force=True,
+            init_from=prev, checkpoint_every=0, progress=not args.smoke,
+            symmetric=None if last else False,  # the Z2 sign check once, on the final flow
+            record={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            meta={"script": "scripts/gpu_L32.py", "stage": i},
+        )  # fmt: skip
+        prev = path
+        h = res.history
         tail = h["ess"][-50:]
         history.append({"stage": i, "batch_size": cfg.batch_size, "estimator": cfg.estimator,
-                        "steps": trainer.step_count, "train_time_s": trainer.elapsed,
+                        "steps": res.trainer.step_count, "train_time_s": res.training_time_s,
                         "batch_ess_tail": sum(tail) / max(len(tail), 1),
-                        "loss_tail": sum(h["loss"][-50:]) / max(len(h["loss"][-50:]), 1)})
-        print(f"stage {i}: batch {cfg.batch_size} {cfg.estimator} {trainer.step_count} steps "
-              f"{trainer.elapsed:.1f} s  batch ESS {history[-1]['batch_ess_tail']:.3f}",
+                        "loss_tail": sum(h["loss"][-50:]) / max(len(h["loss"][-50:]), 1),
+                        "checkpoint": str(path)})
+        print(f"stage {i}: batch {cfg.batch_size} {cfg.estimator} {res.trainer.step_count} steps "
+              f"{res.training_time_s:.1f} s  batch ESS {history[-1]['batch_ess_tail']:.3f}",
               file=sys.stderr)
     wall = time.perf_counter() - t0
-    flow.eval()
-    res = evaluate_flow(flow, action, args.n_eval, batch_size=1024,
-                        generator=torch.Generator(device).manual_seed(args.seed + 2))
-    res.pop("_samples")
-    save_checkpoint(args.out, flow, action, symmetric=False,
-                    train_config=stages(args)[-1].to_dict(), trainer_state=None,
-                    resolved_config={k: (str(v) if isinstance(v, Path) else v)
-                                     for k, v in vars(args).items()},
-                    meta={"training_time_s": wall, "machine": machine_info(),
-                          "device": str(device), "recipe": "scripts/gpu_L32.py"})
+    flow = res.flow
+    ev = evaluate_flow(res.proposal, action, args.n_eval, batch_size=1024,
+                       generator=torch.Generator(device).manual_seed(args.seed + 2))
+    ev.pop("_samples")
     report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "flow_config": flow_cfg.to_dict(), "stages": history, "train_wall_s": wall,
-              "eval": {k: v for k, v in res.items() if not (isinstance(v, float)
-                                                            and not math.isfinite(v))}}
-    print(f"L={args.L} (m2={args.m2}, lam={args.lam}): trained {wall:.1f} s; "
-          f"ESS {res['ess']:.4f}, MH acceptance {res['mh_acceptance']:.4f} on {res['n']} samples; "
-          f"checkpoint {args.out}")
+              "flow_config": flow.config.to_dict(), "stages": history, "train_wall_s": wall,
+              "training_time_total_s": res.training_time_total_s, "symmetric": res.symmetric,
+              "eval": {k: v for k, v in ev.items() if not (isinstance(v, float)
+                                                           and not math.isfinite(v))}}
+    print(f"L={args.L} (m2={args.m2}, lam={args.lam}): trained {wall:.1f} s "
+          f"(optimizer {res.training_time_total_s:.1f} s); ESS {ev['ess']:.4f}, "
+          f"MH acceptance {ev['mh_acceptance']:.4f} on {ev['n']} samples; checkpoint {args.out}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

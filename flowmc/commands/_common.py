@@ -10,35 +10,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import flowmc
 from flowmc.action import Phi4Action
-
-DEFAULT_MODELS = {
-    (8, -4.0, 8.0): "phi4_L8_m2-4_lam8.pt",
-    (8, -4.0, 1.0): "phi4_L8_m2-4_lam1.pt",
-}
-DEFAULT_MODEL = DEFAULT_MODELS[(8, -4.0, 8.0)]
-
-
-def data_dir() -> Path:
-    """The shipped ``data/`` folder (repository checkout first, then the working directory)."""
-    for cand in (Path(flowmc.__file__).resolve().parents[1] / "data", Path.cwd() / "data"):
-        if cand.is_dir():
-            return cand
-    raise FileNotFoundError("cannot find flowmc's data/ folder; pass --model explicitly")
-
-
-def default_model_path() -> Path:
-    return data_dir() / DEFAULT_MODEL
+from flowmc.shipped import (  # noqa: F401 - re-exported for the subcommands
+    DEFAULT_MODEL,
+    DEFAULT_MODELS,
+    data_dir,
+    default_model_path,
+)
 
 
 def add_action_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("action (S = sum_n [sum_mu (2 phi^2 - 2 phi phi_+mu) + m2 phi^2 + lam phi^4])")
+    g = p.add_argument_group(
+        "action (S = sum_n [sum_mu (2 phi^2 - 2 phi phi_+mu) + m2 phi^2 + lam phi^4])"
+    )
     g.add_argument("--L", type=int, default=None, help="lattice extent (all directions)")
     g.add_argument("--dim", type=int, default=2, help="number of dimensions (default 2)")
     g.add_argument("--m2", type=float, default=None, help="bare mass squared")
     g.add_argument("--lam", type=float, default=None, help="quartic coupling lambda >= 0")
-    g.add_argument("--kappa", type=float, default=None, help="hopping parameter (instead of m2/lam)")
+    g.add_argument(
+        "--kappa", type=float, default=None, help="hopping parameter (instead of m2/lam)"
+    )
     g.add_argument("--lam-h", type=float, default=None, help="hopping-form quartic coupling")
 
 

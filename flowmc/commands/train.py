@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
 
-import torch
-
 from flowmc.action import Phi4Action
-from flowmc.checkpoint import load_checkpoint, machine_info, save_checkpoint
-from flowmc.commands._common import action_from_args, add_action_options, make_generator
+from flowmc.checkpoint import load_checkpoint
+from flowmc.commands._common import action_from_args, add_action_options
 from flowmc.config import (
     add_common_options,
     apply_threads,
@@ -19,10 +15,8 @@ from flowmc.config import (
     resolve_dtype,
     resolved,
 )
-from flowmc.evaluate import needs_symmetrisation
-from flowmc.flow import FlowConfig, build_flow
-from flowmc.recipes import RECIPES, get_recipe, override
-from flowmc.train import TrainConfig, Trainer
+from flowmc.recipes import RECIPES
+from flowmc.workflow import train_flow
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,15 +49,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "docs/broken-phase.md")
     t = p.add_argument_group("training (overrides the recipe)")
     t.add_argument("--steps", type=int, default=None, help="total optimizer steps")
-    t.add_argument("--batch", type=int, default=None, help="batch size")
+    t.add_argument("--batch", type=int, default=None,
+                   help="batch size (the global batch, split across ranks under torchrun)")
     t.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     t.add_argument("--schedule", choices=["constant", "cosine"], default=None)
     t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: off)")
     t.add_argument("--estimator", choices=["reparam", "path"], default=None)
     p.add_argument("--resume", action="store_true", help="continue training from --out")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this checkpoint's architecture and weights, on --L (may differ "
+                   "from its lattice: transfer L -> 2L); --m2/--lam default to its action's")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--plot", type=Path, default=None, help="training-curve PNG (default: OUT.png)")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a rank waits for the others before failing")
     p.set_defaults(func=run)
 
 
@@ -109,110 +109,100 @@ def plot_history(history: dict, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+#: architecture flags (dest -> flag), which --init-from excludes
+_ARCH_FLAGS = {
+    "layers": "--layers", "hidden": "--hidden", "kernel": "--kernel", "activation": "--activation",
+    "coupling": "--coupling", "prior_sigma": "--prior-sigma", "bins": "--bins",
+    "spline_bound": "--spline-bound", "equivariant": "--equivariant",
+}  # fmt: skip
+
+
+def _action(args: argparse.Namespace) -> Phi4Action | None:
+    """The target action; with --init-from and no couplings given, the ancestor's at --L."""
+    if args.resume:
+        return None
+    given = any(getattr(args, k) is not None for k in ("m2", "lam", "kappa", "lam_h"))
+    if args.init_from is None or given:
+        return action_from_args(args)
+    if args.L is None:
+        raise ValueError("--L is required (lattice extent of the new flow)")
+    old = Phi4Action.from_params(load_checkpoint(args.init_from)["action"])
+    return Phi4Action(old.m2, old.lam, (args.L,) * args.dim)
+
+
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype)
     if args.out is None:
         raise ValueError("--out is required (checkpoint path to write)")
-    out = Path(args.out)
-    gen = make_generator(args.seed, device)
-    hyper = {  # training hyper-parameters given on the command line (None: keep)
-        "n_steps": args.steps,
-        "batch_size": args.batch,
-        "lr": args.lr,
-        "schedule": args.schedule,
-        "grad_clip": args.grad_clip,
-        "estimator": args.estimator,
+    if args.resume and args.init_from is not None:
+        raise ValueError("give either --resume or --init-from, not both")
+    given = [flag for dest, flag in _ARCH_FLAGS.items() if getattr(args, dest) is not None]
+    if args.init_from is not None and given:
+        raise ValueError(f"the architecture comes from --init-from; drop {', '.join(given)}")
+    extra = {"n_bins": args.bins, "spline_bound": args.spline_bound}
+    flow_overrides = {
+        "n_layers": args.layers,
+        "hidden": _parse_hidden(args.hidden),
+        "kernel_size": args.kernel,
+        "activation": args.activation,
+        "coupling": args.coupling,
+        "equivariant": args.equivariant,
+        "prior_sigma": args.prior_sigma,
+        "extra": {k: v for k, v in extra.items() if v is not None} or None,
     }
-    if args.resume:
-        ckpt = load_checkpoint(out)
-        action = Phi4Action.from_params(ckpt["action"])
-        flow_cfg = FlowConfig.from_dict(ckpt["flow_config"])
-        train_cfg = TrainConfig.from_dict(ckpt["train_config"])
-        # a resumed run may change the training hyper-parameters (e.g. a second phase with the
-        # path-gradient estimator or a larger batch); the flow and the action stay as stored
-        train_cfg = override(train_cfg, **hyper)
-        symmetric = bool(ckpt.get("symmetric", False))
-        flow = build_flow(flow_cfg)
-        flow.load_state_dict(ckpt["model_state"])
-        flow.to(device=device, dtype=dtype)
-        trainer = Trainer(flow, action, train_cfg, generator=gen)
-        trainer.load_state_dict(ckpt["trainer_state"])
-        config_record = {**ckpt.get("resolved_config", {}), "resumed_with": resolved(args)}
-        print(f"resuming {out} at step {trainer.step_count} -> {train_cfg.n_steps}", file=sys.stderr)
-    else:
-        if out.exists() and not args.force:
-            raise FileExistsError(f"{out} exists; use --force to overwrite or --resume to continue")
-        action = action_from_args(args)
-        flow_cfg, train_cfg = get_recipe(args.recipe, action.lattice_shape)
-        flow_cfg = override(
-            flow_cfg,
-            n_layers=args.layers,
-            hidden=_parse_hidden(args.hidden),
-            kernel_size=args.kernel,
-            activation=args.activation,
-            coupling=args.coupling,
-            equivariant=args.equivariant,
-            prior_sigma=args.prior_sigma,
-        )
-        extra = dict(flow_cfg.extra)
-        if args.bins is not None:
-            extra["n_bins"] = args.bins
-        if args.spline_bound is not None:
-            extra["spline_bound"] = args.spline_bound
-        flow_cfg = override(flow_cfg, extra=extra)
-        symmetric = bool(args.symmetric)  # training objective; None (auto) trains plain q
-        train_cfg = override(train_cfg, symmetric=symmetric, **hyper)
-        torch.manual_seed(args.seed)  # parameter initialisation
-        flow = build_flow(flow_cfg).to(device=device, dtype=dtype)
-        trainer = Trainer(flow, action, train_cfg, generator=gen)
-        config_record = resolved(args)
-    t_start = time.perf_counter()
-
-    sample_symmetric = train_cfg.symmetric
-
-    def save(tr: Trainer) -> None:
-        save_checkpoint(
-            out,
-            tr.flow,
-            action,
-            symmetric=sample_symmetric,
-            train_config=train_cfg.to_dict(),
-            trainer_state=tr.state_dict(),
-            resolved_config=config_record,
-            meta={
-                "training_time_s": tr.elapsed,
-                "machine": machine_info(),
-                "dtype": args.dtype,
-                "device": str(device),
-                "recipe": getattr(args, "recipe", None),
-            },
-        )
-
-    trainer.run(progress=not args.quiet, callback=save, callback_every=args.checkpoint_every)
-    auto = args.symmetric is None and not (args.resume and sample_symmetric)
-    if auto:
-        flow.eval()
-        sample_symmetric = sample_symmetric or needs_symmetrisation(
-            flow, action, generator=make_generator(args.seed + 1, device)
-        )
-        flow.train()
-    save(trainer)
-    h = trainer.history
+    res = train_flow(
+        _action(args),
+        recipe=args.recipe,
+        # a resumed run keeps its stored flow (architecture flags are ignored, as its --config
+        # file may still hold them); its training hyper-parameters may change
+        flow_overrides=None if args.resume else flow_overrides,
+        train_overrides={  # training hyper-parameters given on the command line (None: keep)
+            "n_steps": args.steps,
+            "batch_size": args.batch,
+            "lr": args.lr,
+            "schedule": args.schedule,
+            "grad_clip": args.grad_clip,
+            "estimator": args.estimator,
+        },
+        symmetric=args.symmetric,
+        seed=args.seed,
+        device=device,
+        dtype=dtype,
+        out=args.out,
+        resume=args.resume,
+        force=args.force,
+        init_from=args.init_from,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.quiet,
+        record=resolved(args),
+        timeout_s=args.dist_timeout,
+    )
+    if res.rank != 0:  # rank 0 alone writes plots and reports
+        return 0
+    trainer, h = res.trainer, res.history
     tail = slice(-100, None)
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    plot_path = args.plot or out.with_suffix(".png")
+    plot_path = args.plot or Path(args.out).with_suffix(".png")
     if h["loss"]:
-        plot_history(h, Path(plot_path), title=f"{action!r}")
-    print(
-        f"trained {trainer.step_count} steps in {time.perf_counter() - t_start:.1f} s "
-        f"(training time {trainer.elapsed:.1f} s)\n"
+        plot_history(h, Path(plot_path), title=f"{res.action!r}")
+    lines = [
+        f"trained {trainer.step_count} steps in {res.wall_time_s:.1f} s "
+        f"(training time {trainer.elapsed:.1f} s)",
         f"  last-100 mean: F_q = {mean(h['loss'][tail]):.4f} (>= -log Z), "
         f"batch ESS = {mean(h['ess'][tail]):.3f}; skipped non-finite steps: "
-        f"{trainer.skipped_steps}\n"
-        f"  proposal: {'Z2-symmetrised q_s' if sample_symmetric else 'q'}"
-        f"{' (auto: the flow is sign-imbalanced)' if auto and sample_symmetric else ''}\n"
-        f"  checkpoint: {out}\n  curve: {plot_path}"
-    )
+        f"{trainer.skipped_steps}",
+        f"  proposal: {'Z2-symmetrised q_s' if res.symmetric else 'q'}"
+        f"{' (auto: the flow is sign-imbalanced)' if res.auto_symmetrised else ''}",
+    ]
+    if res.world_size > 1:
+        lines.append(
+            f"  ranks: {res.world_size}, global batch {trainer.config.batch_size} = "
+            f"{res.world_size} x {trainer.local_batch_size}"
+        )
+    if res.training_time_total_s > res.training_time_s:
+        lines.append(f"  training time incl. --init-from stages: {res.training_time_total_s:.1f} s")
+    lines += [f"  checkpoint: {args.out}", f"  curve: {plot_path}"]
+    print("\n".join(lines))
     return 0

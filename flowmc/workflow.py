@@ -1,0 +1,352 @@
+r"""The training workflow: one call from a recipe (or a checkpoint) to a trained, saved flow.
+
+:func:`train_flow` is what ``flowmc train``, the benchmark scripts and distributed runs all call:
+
+1. configuration — a named recipe plus overrides (:mod:`flowmc.recipes`), or the architecture
+   stored in a checkpoint (``resume`` continues it; ``init_from`` starts a new stage from its
+   weights, possibly on another lattice size, through :func:`flowmc.flow.transfer_state_dict`);
+2. seeded parameter initialisation (``torch.manual_seed(seed)`` in a forked RNG, on the CPU, so
+   the initial flow does not depend on the device or the number of ranks);
+3. reverse-KL training (:class:`~flowmc.train.Trainer`, or
+   :class:`~flowmc.distributed.DistributedTrainer` under ``torchrun``), with the per-step random
+   streams ``(seed, step, rank)`` (see :mod:`flowmc.train`);
+4. periodic checkpoints (rank 0 only) and a final one;
+5. the Z2 rule: for a Z2-symmetric action a flow trained plainly is sampled through
+   :class:`~flowmc.flow.Z2SymmetricFlow` when its draws are sign-imbalanced
+   (:func:`flowmc.evaluate.needs_symmetrisation`).
+
+Time accounting (``meta`` of the checkpoint): ``training_time_s`` is this stage's optimizer time
+(accumulated over resumes of the same checkpoint), ``training_time_total_s`` adds every
+``init_from`` ancestor's total, and ``init_from`` records the ancestor's path, SHA-256, lattice and
+training times.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from flowmc import distributed
+from flowmc.action import Phi4Action
+from flowmc.checkpoint import load_checkpoint, machine_info, save_checkpoint
+from flowmc.ensemble import file_sha256
+from flowmc.evaluate import needs_symmetrisation
+from flowmc.flow import Flow, FlowConfig, Z2SymmetricFlow, build_flow, transfer_state_dict
+from flowmc.recipes import get_recipe, override
+from flowmc.train import TrainConfig, Trainer
+
+__all__ = ["train_flow", "TrainResult"]
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train_flow` returns.
+
+    Attributes:
+        flow: the trained flow (unwrapped, in eval mode).
+        action: the target action.
+        trainer: the trainer (``config``, ``history``, ``step_count``, ``elapsed``, optimizer).
+        symmetric: sample through ``Z2SymmetricFlow(flow)`` (see :attr:`proposal`).
+        auto_symmetrised: ``symmetric`` was switched on by the sign-balance rule.
+        checkpoint: the checkpoint written (``None`` without ``out``).
+        training_time_s: optimizer time of this stage (all resumes of this checkpoint).
+        training_time_total_s: ``training_time_s`` plus that of every ``init_from`` ancestor.
+        wall_time_s: wall time of this call (setup, training, checkpoints, the Z2 check).
+        rank: this process's rank (0 in one process).
+        world_size: number of ranks that trained (1 in one process).
+    """
+
+    flow: Flow
+    action: Phi4Action
+    trainer: Trainer
+    symmetric: bool
+    auto_symmetrised: bool
+    checkpoint: Path | None
+    training_time_s: float
+    training_time_total_s: float
+    wall_time_s: float
+    rank: int
+    world_size: int
+
+    @property
+    def proposal(self) -> Flow | Z2SymmetricFlow:
+        """The density to sample: ``flow`` or its Z2-symmetrised mixture."""
+        return Z2SymmetricFlow(self.flow) if self.symmetric else self.flow
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        return self.trainer.history
+
+
+def _set(d: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (d or {}).items() if v is not None}
+
+
+def _override_flow(cfg: FlowConfig, overrides: dict[str, Any]) -> FlowConfig:
+    """Apply overrides; ``extra`` is merged into the base's ``extra``, not replaced."""
+    extra = overrides.pop("extra", None)
+    cfg = override(cfg, **overrides)
+    if extra:
+        cfg = replace(cfg, extra={**cfg.extra, **extra})
+    return cfg
+
+
+def _ancestor(path: Path) -> tuple[dict, dict]:
+    """The ``init_from`` checkpoint and its provenance record."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("meta", {}) or {}
+    t = float(meta.get("training_time_s", 0.0) or 0.0)
+    record = {
+        "path": str(path.resolve()),
+        "sha256": file_sha256(path),
+        "lattice_shape": list(ckpt["flow_config"]["lattice_shape"]),
+        "action": ckpt.get("action"),
+        "training_time_s": t,
+        "training_time_total_s": float(meta.get("training_time_total_s", t) or t),
+    }
+    return ckpt, record
+
+
+def train_flow(
+    action: Phi4Action | None = None,
+    *,
+    recipe: str = "default",
+    flow_config: FlowConfig | None = None,
+    train_config: TrainConfig | None = None,
+    flow_overrides: Mapping[str, Any] | None = None,
+    train_overrides: Mapping[str, Any] | None = None,
+    symmetric: bool | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    init_from: str | Path | None = None,
+    checkpoint_every: int = 500,
+    progress: bool = True,
+    callback: Callable[[Trainer], None] | None = None,
+    callback_every: int = 0,
+    record: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+) -> TrainResult:
+    """Train a flow for ``action`` by reverse KL and (with ``out``) write its checkpoint.
+
+    Runs data-parallel when a ``torch.distributed`` process group is initialised or the process
+    was started by ``torchrun`` with ``WORLD_SIZE > 1`` (see :mod:`flowmc.distributed`); then
+    ``batch_size`` is the global batch, only rank 0 writes and shows progress, and every rank
+    returns the same trained flow.
+
+    Args:
+        action: the target (optional with ``resume``: the checkpoint's action is used).
+        recipe: named recipe for the architecture and the training hyper-parameters; with
+            ``init_from`` only its training part is used.
+        flow_config: a full architecture instead of the recipe's (its lattice must be the
+            action's).
+        train_config: full training hyper-parameters instead of the recipe's.
+        flow_overrides: ``FlowConfig`` fields to change (``None`` values are ignored; ``extra``
+            is merged). Not allowed with ``resume`` or ``init_from``.
+        train_overrides: ``TrainConfig`` fields to change (``None`` ignored); with ``resume``
+            they change the stored hyper-parameters (e.g. a longer run, the path estimator).
+        symmetric: ``True`` trains and samples the Z2-symmetrised density, ``False`` the plain
+            one, ``None`` trains the plain one and samples the symmetrised one if the trained
+            flow's draws are sign-imbalanced.
+        seed: parameter initialisation and the per-step sample streams (a resumed run keeps the
+            seed stored in its checkpoint).
+        device: torch device; ``cuda`` means ``cuda:LOCAL_RANK`` under torchrun.
+        dtype: parameter dtype (default: the resumed checkpoint's, else float32).
+        out: checkpoint to write (periodically and at the end).
+        resume: continue training ``out``.
+        force: overwrite an existing ``out``.
+        init_from: a checkpoint whose architecture and weights start this run, on the action's
+            lattice (which may differ from the checkpoint's); the optimizer starts afresh.
+        checkpoint_every: steps between checkpoints (0: only at the end).
+        progress: progress bar (rank 0 only).
+        callback: called as ``callback(trainer)`` every ``callback_every`` steps, on every rank.
+        callback_every: see ``callback``.
+        record: the resolved options to store in the checkpoint (e.g. the CLI's).
+        meta: extra provenance to store in the checkpoint's ``meta``.
+        timeout_s: timeout of every collective in a distributed run.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ValueError: on inconsistent arguments (both ``resume`` and ``init_from``, architecture
+            overrides with a stored architecture, a lattice mismatch, a global batch that the
+            number of ranks does not divide, ...).
+        FileExistsError: if ``out`` exists and neither ``resume`` nor ``force`` is set.
+        FileNotFoundError: if the checkpoint to resume or to start from does not exist.
+        RuntimeError: if training stops on repeated non-finite losses.
+    """
+    t_call = time.perf_counter()
+    out = None if out is None else Path(out)
+    init_from = None if init_from is None else Path(init_from)
+    flow_over, train_over = _set(flow_overrides), _set(train_overrides)
+    if resume and init_from is not None:
+        raise ValueError("Expected either resume or init_from, not both")
+    if resume and out is None:
+        raise ValueError("Expected out (the checkpoint to resume) with resume=True")
+    if checkpoint_every < 0:
+        raise ValueError(f"Expected checkpoint_every >= 0; got {checkpoint_every}")
+    if (resume or init_from is not None) and (flow_over or flow_config is not None):
+        source = "the checkpoint to resume" if resume else "init_from"
+        raise ValueError(
+            f"Expected no architecture options: the architecture comes from {source}; got "
+            f"{sorted(flow_over) or ['flow_config']}"
+        )
+    with distributed.process_group(device, timeout_s=timeout_s) as info:
+        rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+        local = info.local_rank if info is not None else 0
+        device = distributed.rank_device(device, local, world)
+        main = rank == 0
+        ancestor: dict | None = None
+        prev_meta: dict = {}
+        trainer_state: dict | None = None
+        record = dict(record or {})
+        if resume:
+            ckpt = load_checkpoint(out)
+            stored = Phi4Action.from_params(ckpt["action"])
+            if action is not None and action != stored:
+                raise ValueError(
+                    f"Expected the action stored in {out} ({stored!r}); got {action!r}"
+                )
+            action = stored
+            flow_cfg = FlowConfig.from_dict(ckpt["flow_config"])
+            if train_config is not None:
+                raise ValueError("Expected train_overrides, not train_config, with resume=True")
+            train_cfg = override(TrainConfig.from_dict(ckpt["train_config"]), **train_over)
+            prev_meta = dict(ckpt.get("meta", {}) or {})
+            if dtype is None:
+                dtype = torch.float64 if prev_meta.get("dtype") == "float64" else torch.float32
+            # load in the final dtype: loading float64 weights into float32 would round them
+            flow = build_flow(flow_cfg).to(dtype)
+            flow.load_state_dict(ckpt["model_state"])
+            trainer_state = ckpt.get("trainer_state")
+            if not trainer_state:
+                raise ValueError(
+                    f"{out} has no trainer state to resume; start a new stage from it with "
+                    "init_from (--init-from) instead"
+                )
+            ancestor = prev_meta.get("init_from")
+            record = {**ckpt.get("resolved_config", {}), "resumed_with": record}
+            if main and progress:
+                print(
+                    f"resuming {out} at step {trainer_state['step']} -> {train_cfg.n_steps}",
+                    file=sys.stderr,
+                )
+        else:
+            if out is not None and out.exists() and not force:
+                raise FileExistsError(
+                    f"{out} exists; use --force to overwrite or --resume to continue"
+                )
+            if action is None:
+                raise ValueError("Expected an action (the target to train for)")
+            shape = tuple(action.lattice_shape)
+            recipe_flow, recipe_train = get_recipe(recipe, shape)
+            if init_from is not None:
+                ckpt, ancestor = _ancestor(init_from)
+                old_cfg = FlowConfig.from_dict(ckpt["flow_config"])
+                flow_cfg = replace(old_cfg, lattice_shape=shape)
+                with torch.random.fork_rng(devices=[]):
+                    flow = build_flow(flow_cfg).to(dtype or torch.float32)
+                flow.load_state_dict(transfer_state_dict(ckpt["model_state"], old_cfg, flow_cfg))
+            else:
+                flow_cfg = _override_flow(flow_config or recipe_flow, flow_over)
+                if tuple(flow_cfg.lattice_shape) != shape:
+                    raise ValueError(
+                        f"Expected a flow_config for lattice {shape}; got "
+                        f"{tuple(flow_cfg.lattice_shape)}"
+                    )
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    flow = build_flow(flow_cfg)
+            train_cfg = override(train_config or recipe_train, **train_over)
+            if symmetric is not None:
+                train_cfg = replace(train_cfg, symmetric=bool(symmetric))
+        flow.to(device=device, dtype=dtype or torch.float32)
+        if info is not None:
+            trainer: Trainer = distributed.DistributedTrainer(
+                flow,
+                action,
+                train_cfg,
+                seed=seed,
+                device_ids=[device.index] if device.type == "cuda" else None,
+            )
+        else:
+            trainer = Trainer(flow, action, train_cfg, seed=seed)
+        if trainer_state is not None:
+            trainer.load_state_dict(trainer_state)
+
+        ancestor_total = float(ancestor["training_time_total_s"]) if ancestor else 0.0
+        sample_symmetric = bool(train_cfg.symmetric or symmetric is True)
+        stage_meta = {
+            **(meta or {}),
+            "init_from": ancestor,
+            "seed": trainer.seed,
+            "world_size": world,
+            "backend": info.backend if info is not None else None,
+            "machine": machine_info(),
+            "device": str(device),
+            "dtype": str(next(flow.parameters()).dtype).replace("torch.", ""),
+            "recipe": prev_meta.get("recipe") if resume else recipe,
+        }
+
+        def save(tr: Trainer) -> None:
+            if out is None or not main:
+                return
+            save_checkpoint(
+                out,
+                flow,
+                action,
+                symmetric=sample_symmetric,
+                train_config=train_cfg.to_dict(),
+                trainer_state=tr.state_dict(),
+                resolved_config=record,
+                meta={
+                    **stage_meta,
+                    "training_time_s": tr.elapsed,
+                    "training_time_total_s": tr.elapsed + ancestor_total,
+                },
+            )
+
+        def on_step(tr: Trainer) -> None:
+            if checkpoint_every and tr.step_count % checkpoint_every == 0:
+                save(tr)
+            if callback is not None and callback_every and tr.step_count % callback_every == 0:
+                callback(tr)
+
+        trainer.run(progress=progress and main, callback=on_step, callback_every=1)
+        flow.eval()
+        auto = symmetric is None and not train_cfg.symmetric
+        auto_symmetrised = False
+        if auto:
+            imbalanced = main and needs_symmetrisation(
+                flow, action, generator=torch.Generator(device=device).manual_seed(seed + 1)
+            )
+            if info is not None:
+                imbalanced = distributed.broadcast_flag(imbalanced, device)
+            auto_symmetrised = bool(imbalanced)
+            sample_symmetric = sample_symmetric or auto_symmetrised
+        save(trainer)
+        if info is not None:
+            distributed.barrier(device)  # the checkpoint exists when any rank returns
+    return TrainResult(
+        flow=flow,
+        action=action,
+        trainer=trainer,
+        symmetric=sample_symmetric,
+        auto_symmetrised=auto_symmetrised,
+        checkpoint=out,
+        training_time_s=trainer.elapsed,
+        training_time_total_s=trainer.elapsed + ancestor_total,
+        wall_time_s=time.perf_counter() - t_call,
+        rank=rank,
+        world_size=world,
+    )
