@@ -120,3 +120,25 @@ def test_zero_mode_spline(odd: bool) -> None:
     # parameters act on the magnetisation density: they carry over to any lattice unchanged
     state = layer.resample_state(layer.state_dict(), shape, (8, 8))
     assert all(torch.equal(state[k], v) for k, v in layer.state_dict().items())
+
+
+def test_flow_with_global_layers_transfers_to_a_larger_lattice() -> None:
+    """transfer_state_dict calls resample_state: a free-theory momentum layer stays exact at 2L,
+    the zero-mode spline and the conv weights carry over, the result is a valid flow."""
+    from flowmc.flow import FlowConfig, build_flow, transfer_state_dict
+
+    small_cfg = FlowConfig((4, 4), n_layers=2, hidden=(4,), coupling="spline", momentum=True,
+                           zero_mode_bins=4, prior_sigma=0.5, extra={"n_bins": 4})
+    small = build_flow(small_cfg).to(DT)
+    small.layers[0].set_free(0.7, prior_sigma=0.5)
+    _random_params(small.layers[1], seed=6)
+    big_cfg = FlowConfig.from_dict({**small_cfg.to_dict(), "lattice_shape": [8, 8]})
+    big = build_flow(big_cfg).to(DT)
+    big.load_state_dict(transfer_state_dict(small.state_dict(), small_cfg, big_cfg))
+    ref = MomentumScaling((8, 8)).to(DT)
+    ref.set_free(0.7, prior_sigma=0.5)
+    assert torch.allclose(big.layers[0].log_sigma, ref.log_sigma, atol=1e-12)
+    assert torch.equal(big.layers[1].raw_w, small.layers[1].raw_w)
+    assert torch.equal(big.layers[2].net.net[0].weight, small.layers[2].net.net[0].weight)
+    phi, log_q = big.sample(4, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(big.log_prob(phi), log_q, atol=1e-10, rtol=0)
