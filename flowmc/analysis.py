@@ -1,24 +1,33 @@
-r"""Error analysis of a stored ensemble: every observable with a Gamma-method error bar.
+r"""Error analysis of a stored ensemble, in three stages: measure, estimate, diagnose.
 
-:func:`analyze` streams the configurations of an ensemble file chunk by chunk (never the whole
-ensemble at once), measures the per-configuration primaries of :func:`flowmc.observables.measure`
-and analyses them with Wolff's Gamma method, the ``C`` chains acting as replicas:
+:func:`analyze` runs the three stages on an ensemble file and returns a typed
+:class:`AnalysisResult`:
 
-* primaries (``m``, ``abs_m``, ``m2``, ``energy``, ``action_density``, ``sd_check``): mean, error,
-  :math:`\tau_\mathrm{int}` (½ + Σρ convention) and ESS :math:`= N/(2\tau_\mathrm{int})`;
-* derived quantities (``chi2``, ``chi_conn``, ``binder``, ``xi2``) by linearisation
-  (:func:`flowmc.autocorr.derived_gamma`), :math:`\tau_\mathrm{int}` of the projected series;
-* the two-point function ``G_x``, the zero-momentum correlator ``C_t`` and the effective mass
-  ``m_eff`` from block means (bins of ``b`` consecutive configurations, Gamma method on the bin
-  series), and a pole mass from a cosh fit with a jackknife error;
-* sampler diagnostics (acceptance, longest rejection run, :math:`\langle e^{-\Delta H}\rangle`
-  for HMC) and :math:`Z_2` diagnostics (sign balance, mode crossings) with plain-language
-  ``warnings``.
+1. :func:`measure_ensemble` streams the configurations once, chunk by chunk (never the whole
+   ensemble at once), and returns :class:`Measurements`: the per-configuration primary series
+   of :func:`flowmc.observables.measure` (``m``, ``abs_m``, ``m2``, ``m4``, ``energy``,
+   ``action_density``, ``sd_check`` and the momentum-space two-point function at
+   :math:`p = 0` and :math:`p_\mathrm{min}`), the per-row sampler scalars, and bin means of
+   :math:`G(x)` and :math:`C(t)`.
+2. :func:`estimate` runs Wolff's Gamma method on the primaries (the ``C`` chains are
+   replicas) and propagates errors to every derived quantity through **one tested function of**
+   :mod:`flowmc.observables` each (:func:`~flowmc.observables.chi2_from_means`,
+   :func:`~flowmc.observables.chi_connected_from_means`,
+   :func:`~flowmc.observables.binder_from_means`, :func:`~flowmc.observables.xi2_from_momenta`,
+   :func:`~flowmc.observables.effective_mass_from_slices`,
+   :func:`~flowmc.observables.fit_cosh`); correlators from the bin means.
+3. :func:`diagnose` computes the acceptance of every kernel present, rejection runs,
+   :math:`\langle e^{-\Delta H}\rangle`, the Schwinger–Dyson check and the Z2 sign balance
+   (:func:`flowmc.diagnostics.sign_balance_rule`, the one rule also used by ``flowmc eval``
+   and ``flowmc train``), with plain-language warnings.
 
-The JSON keys of the result are listed, with definitions, in ``docs/analysis.md``; formulas of
-the observables are in ``docs/observables.md``, statistical conventions in ``docs/statistics.md``.
-Keys starting with ``_`` hold in-memory extras (Gamma results, series) for plotting and are
-dropped by :func:`flowmc.commands._common.write_json`.
+Observables that need a larger lattice than the ensemble's (:math:`\xi_2` needs
+:math:`L_0 \ge 2`, :math:`m_\mathrm{eff}` :math:`L_0 \ge 3`, the pole mass :math:`L_0 \ge 6`)
+are skipped with a note, down to a single site.
+
+The JSON form (:meth:`AnalysisResult.to_dict`) has the keys listed, with definitions, in
+``docs/analysis.md``; formulas of the observables are in ``docs/observables.md``, statistical
+conventions in ``docs/statistics.md``.
 
 References:
     U. Wolff, "Monte Carlo errors with less errors", hep-lat/0306017.
@@ -26,21 +35,59 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings as _warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from flowmc.autocorr import AutocorrError, GammaResult, derived_gamma, gamma_analysis, jackknife
+from flowmc.diagnostics import (
+    Z2_SIGMA,
+    SignBalance,
+    acceptance_by_kernel,
+    binomial_error,
+    kernel_of_sampler,
+    longest_rejection_run,
+    sign_balance_rule,
+    sign_changes,
+    stuck_chains,
+)
 from flowmc.ensemble import Ensemble, open_ensemble
-from flowmc.observables import fit_cosh, measure
+from flowmc.observables import (
+    binder_from_means,
+    chi2_from_means,
+    chi_connected_from_means,
+    effective_mass_from_slices,
+    fit_cosh,
+    measure,
+    xi2_from_momenta,
+)
 
-__all__ = ["analyze", "SCALAR_KEYS", "NO_CONFIG_KEYS", "ENTRY_KEYS"]
+__all__ = [
+    "analyze",
+    "measure_ensemble",
+    "estimate",
+    "diagnose",
+    "AnalysisResult",
+    "Measurements",
+    "Estimates",
+    "Diagnostics",
+    "Estimate",
+    "Correlator",
+    "EffectiveMass",
+    "PoleMass",
+    "SCALAR_KEYS",
+    "NO_CONFIG_KEYS",
+    "ENTRY_KEYS",
+]
 
-#: Scalar observables reported by :func:`analyze` (each an entry with :data:`ENTRY_KEYS`).
+#: The scalar observables of an analysis, in table order: the one list used by
+#: ``flowmc analyze``, ``flowmc compare`` and the reports.
 SCALAR_KEYS = (
     "m",
     "abs_m",
@@ -58,84 +105,341 @@ NO_CONFIG_KEYS = ("m", "abs_m", "m2", "chi2", "chi_conn", "binder", "action_dens
 #: Keys of every scalar entry.
 ENTRY_KEYS = ("value", "error", "tau_int", "tau_int_error", "ess", "window", "reliable")
 
+#: Primaries analysed directly (the others in :data:`SCALAR_KEYS` are derived).
+PRIMARY_KEYS = ("m", "abs_m", "m2", "energy", "action_density", "sd_check")
 #: Upper bound on the number of bins per chain for ``G_x`` / ``C_t`` (memory: bins * C * V).
 MAX_BINS = 256
-#: Sign-balance threshold (in standard errors) for the Z2 warnings.
-Z2_SIGMA = 4.0
 
 
-def _entry(res: GammaResult) -> dict[str, float]:
-    return {
-        "value": float(res.value),
-        "error": float(res.error),
-        "tau_int": float(res.tau_int),
-        "tau_int_error": float(res.tau_int_error),
-        "ess": float(res.ess),
-        "window": int(res.window),
-    }
+# ============================================================================ result types
+class Estimate(NamedTuple):
+    """One scalar observable with its Gamma-method error (the JSON entry of ``docs/analysis.md``).
 
+    Attributes:
+        value: the estimate (mean, or derived quantity at the means).
+        error: statistical error including autocorrelations.
+        tau_int: integrated autocorrelation time, ½ + Σρ convention, in rows.
+        tau_int_error: its error.
+        ess: chain effective sample size ``N / (2 tau_int)`` over all chains.
+        window: the summation window W (rows).
+        reliable: ``False`` when the series was too short for a reliable window.
+    """
 
-class _Collector:
-    """Runs Gamma analyses, turning too-short series into recorded warnings (or raising)."""
+    value: float
+    error: float
+    tau_int: float
+    tau_int_error: float
+    ess: float
+    window: int
+    reliable: bool
 
-    def __init__(self, *, S: float, quiet: bool) -> None:
-        self.S = S
-        self.quiet = quiet
-        self.warnings: list[str] = []
-        self.gamma: dict[str, GammaResult] = {}
-        self.short: dict[str, GammaResult] = {}
-
-    def run(self, name: str, fn: Callable[..., GammaResult], *args: Any, **kw: Any) -> GammaResult:
-        try:
-            res = fn(*args, S=self.S, quiet=False, **kw)
-        except AutocorrError as exc:
-            if not self.quiet or exc.result is None:
-                raise
-            res = exc.result
-            self.short[name] = res
-        self.gamma[name] = res
-        return res
-
-    def entry(self, name: str, res: GammaResult) -> dict[str, Any]:
-        return {**_entry(res), "reliable": name not in self.short}
-
-    def short_warning(self) -> str | None:
-        """One message naming every series too short for its autocorrelation time."""
-        if not self.short:
-            return None
-        n = next(iter(self.short.values())).n
-        items = ", ".join(
-            f"{k} (tau_int = {r.tau_int:.3g} +- {r.tau_int_error:.2g})"
-            for k, r in self.short.items()
-        )
-        return (
-            f"series too short for a reliable autocorrelation analysis (need N >= 50 tau_int "
-            f"and a closed window; N = {n} over all chains): {items}. Their error bars and "
-            "tau_int are unreliable (probably underestimated): run longer chains or improve "
-            "the sampler."
+    @classmethod
+    def from_gamma(cls, res: GammaResult, *, reliable: bool = True) -> Estimate:
+        return cls(
+            float(res.value),
+            float(res.error),
+            float(res.tau_int),
+            float(res.tau_int_error),
+            float(res.ess),
+            int(res.window),
+            bool(reliable),
         )
 
-    def scalar(self, name: str, series: np.ndarray) -> dict[str, float]:
-        """Gamma analysis of an ``(n, C)`` series; chains are replicas."""
-        return self.entry(name, self.run(name, gamma_analysis, np.ascontiguousarray(series.T)))
-
-    def derived(
-        self,
-        name: str,
-        f: Callable[..., float],
-        series: Sequence[np.ndarray],
-        grad: Callable[..., Sequence[float]] | None = None,
-    ) -> dict[str, float] | None:
-        data = [np.ascontiguousarray(s.T) for s in series]
-        try:
-            res = self.run(name, derived_gamma, f, data, grad=grad)
-        except ValueError as exc:  # f non-finite at the means (e.g. xi2^2 < 0)
-            self.warnings.append(f"{name}: not computed ({exc})")
-            return None
-        return self.entry(name, res)
+    def to_dict(self) -> dict[str, Any]:
+        """``{value, error, tau_int, tau_int_error, ess, window, reliable}``."""
+        return dict(self._asdict())
 
 
-# ----------------------------------------------------------------------------- helpers
+class Correlator(NamedTuple):
+    """A binned correlator: ``G(x)`` (shape ``L``) or ``C(t)`` (shape ``(L_0,)``).
+
+    Attributes:
+        value: the mean over all analysed rows.
+        error: Gamma-method errors from the bin series.
+        bin_size: configurations per bin.
+        n_bins: bins per chain.
+    """
+
+    value: np.ndarray
+    error: np.ndarray
+    bin_size: int
+    n_bins: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "value": self.value.tolist(),
+            "error": self.error.tolist(),
+            "bin_size": int(self.bin_size),
+            "n_bins": int(self.n_bins),
+        }
+
+
+class EffectiveMass(NamedTuple):
+    """Effective mass per time slice (``None`` at t = 0 and where undefined)."""
+
+    value: list[float | None]
+    error: list[float | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": list(self.value), "error": list(self.error)}
+
+
+class PoleMass(NamedTuple):
+    """Cosh fit to C(t) on ``[tmin, tmax]``; ``error`` is the jackknife error."""
+
+    value: float
+    error: float
+    fit_error: float
+    amplitude: float
+    chi2: float
+    dof: int
+    tmin: int
+    tmax: int
+    n_jackknife_bins: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._asdict())
+
+
+class _Binned(NamedTuple):
+    mean: np.ndarray  # (*shape)
+    bins: np.ndarray  # (n_bins, C, *shape)
+    bin_size: int
+    n_bins: int
+
+
+@dataclass
+class Measurements:
+    """Stage 1: what :func:`measure_ensemble` read from the file.
+
+    Attributes:
+        path: the ensemble file.
+        n: rows per chain analysed (after ``discard``).
+        n_total: rows per chain in the file.
+        discard: rows per chain dropped at the start.
+        n_chains: number of chains ``C``.
+        lattice_shape: the lattice ``L``.
+        sampler: the ensemble's ``sampler`` attribute.
+        action_params: the ensemble's ``action`` attribute.
+        action: the :class:`~flowmc.action.Phi4Action`, or ``None`` if it cannot be built.
+        has_configs: whether configurations were stored (and measured).
+        series: per-configuration primaries, each ``(n, C)`` float64: ``m``, ``abs_m``,
+            ``m2``, ``m4`` and, as available, ``energy``, ``action_density``, ``sd_check``,
+            ``gp0`` (:math:`\\tilde G(0)`), ``gp1`` (:math:`\\tilde G(p_\\mathrm{min})`).
+        scalars: the per-row scalars stored by the sampler, each ``(n, C)`` (``accepted``,
+            ``action``, ``log_q``, ``delta_h``, ...).
+        G: bin means of :math:`G(x)`, or ``None``.
+        C: bin means of :math:`C(t)`, or ``None``.
+        notes: what could not be measured, and why.
+    """
+
+    path: str
+    n: int
+    n_total: int
+    discard: int
+    n_chains: int
+    lattice_shape: tuple[int, ...]
+    sampler: dict[str, Any]
+    action_params: dict[str, Any]
+    action: Any
+    has_configs: bool
+    series: dict[str, np.ndarray]
+    scalars: dict[str, np.ndarray]
+    G: _Binned | None = None
+    C: _Binned | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def volume(self) -> int:
+        return math.prod(self.lattice_shape)
+
+
+@dataclass
+class Estimates:
+    """Stage 2: what :func:`estimate` computed.
+
+    Attributes:
+        observables: ``{name: Estimate}`` for the :data:`SCALAR_KEYS` that could be computed,
+            in that order.
+        G_x, C_t: binned correlators, or ``None`` (no configurations).
+        m_eff: effective mass per t, or ``None`` (no configurations, or ``L_0 < 3``).
+        pole_mass: the cosh-fit mass, or ``None``.
+        gamma: every :class:`~flowmc.autocorr.GammaResult` by name (with ``rho`` and
+            ``window``, for autocorrelation plots).
+        short: names whose series were too short for a reliable window.
+        warnings: problems found while estimating (derived quantity undefined, failed fit, ...).
+        notes: what was skipped, and why.
+    """
+
+    observables: dict[str, Estimate]
+    G_x: Correlator | None = None
+    C_t: Correlator | None = None
+    m_eff: EffectiveMass | None = None
+    pole_mass: PoleMass | None = None
+    gamma: dict[str, GammaResult] = field(default_factory=dict)
+    short: dict[str, GammaResult] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Diagnostics:
+    """Stage 3: what :func:`diagnose` found.
+
+    Attributes:
+        acceptance: mean of the scalar ``accepted`` (or ``is_accepted``), or ``None``.
+        acceptance_per_chain: per chain, or ``None``.
+        acceptance_by_kernel: ``{kernel: acceptance}`` for every kernel with stored flags
+            (``flow``, ``hmc``, ...; see :func:`flowmc.diagnostics.acceptance_by_kernel`).
+        longest_rejection_run: longest run of stored rows with ``accepted = False``.
+        longest_rejection_run_per_chain: per chain.
+        exp_minus_delta_h: :math:`\\langle e^{-\\Delta H}\\rangle` (exactly 1), if ``delta_h``
+            is stored.
+        frac_m_positive: fraction of configurations with ``m > 0`` (error floored at the
+            binomial error).
+        m_over_error: :math:`\\langle m\\rangle/\\sigma_m`.
+        mode_crossings: sign changes of M per chain.
+        z2_symmetric_action: whether the action is Z2 symmetric (``None`` if unknown).
+        sign_balance: the outcome of the Z2 sign rule, or ``None``.
+        gamma: Gamma results of the diagnostics series.
+        short: names whose series were too short.
+        warnings, notes: plain-language findings.
+    """
+
+    acceptance: float | None = None
+    acceptance_per_chain: list[float] | None = None
+    acceptance_by_kernel: dict[str, float] = field(default_factory=dict)
+    longest_rejection_run: int | None = None
+    longest_rejection_run_per_chain: list[int] | None = None
+    exp_minus_delta_h: Estimate | None = None
+    frac_m_positive: Estimate | None = None
+    m_over_error: float | None = None
+    mode_crossings: list[int] | None = None
+    z2_symmetric_action: bool | None = None
+    sign_balance: SignBalance | None = None
+    gamma: dict[str, GammaResult] = field(default_factory=dict)
+    short: dict[str, GammaResult] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AnalysisResult:
+    """The analysis of one ensemble (:func:`analyze`).
+
+    Indexing gives the JSON form: ``res["chi2"]["value"]`` equals
+    ``res.observables["chi2"].value``; :meth:`to_dict` returns the whole JSON form, whose keys
+    are documented in ``docs/analysis.md``.
+
+    Attributes:
+        path: the ensemble file.
+        n: rows per chain analysed (after ``discard``).
+        n_total: rows per chain in the file.
+        discard: rows per chain dropped.
+        chains: number of chains ``C``.
+        lattice_shape: the lattice ``L``.
+        volume: :math:`V = \\prod_\\mu L_\\mu`.
+        sampler: the ensemble's ``sampler`` attribute.
+        action: the ensemble's ``action`` attribute.
+        has_configs: whether configurations were stored.
+        S: Wolff's windowing parameter used.
+        observables: ``{name: Estimate}`` in :data:`SCALAR_KEYS` order (those computed).
+        G_x, C_t, m_eff, pole_mass: correlators (``None`` when not computed).
+        diagnostics: :class:`Diagnostics`.
+        warnings: every warning (a too-short-series message first, if any).
+        notes: what was skipped, and why.
+        gamma: every :class:`~flowmc.autocorr.GammaResult` by name.
+        series: per-configuration primaries ``(n, C)`` (see :class:`Measurements`).
+        scalars: per-row sampler scalars ``(n, C)``.
+    """
+
+    path: str
+    n: int
+    n_total: int
+    discard: int
+    chains: int
+    lattice_shape: tuple[int, ...]
+    volume: int
+    sampler: dict[str, Any]
+    action: dict[str, Any]
+    has_configs: bool
+    S: float
+    observables: dict[str, Estimate]
+    G_x: Correlator | None
+    C_t: Correlator | None
+    m_eff: EffectiveMass | None
+    pole_mass: PoleMass | None
+    diagnostics: Diagnostics
+    warnings: list[str]
+    notes: list[str]
+    gamma: dict[str, GammaResult] = field(repr=False, default_factory=dict)
+    series: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    scalars: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form, with the keys documented in ``docs/analysis.md``."""
+        d = self.diagnostics
+        out: dict[str, Any] = {
+            "path": self.path,
+            "n": self.n,
+            "n_total": self.n_total,
+            "discard": self.discard,
+            "chains": self.chains,
+            "lattice_shape": list(self.lattice_shape),
+            "volume": self.volume,
+            "sampler": dict(self.sampler),
+            "action": dict(self.action),
+            "has_configs": self.has_configs,
+            "S": self.S,
+        }
+        out.update({k: e.to_dict() for k, e in self.observables.items()})
+        for key in ("G_x", "C_t", "m_eff", "pole_mass"):
+            val = getattr(self, key)
+            if val is not None:
+                out[key] = val.to_dict()
+        if d.acceptance is not None:
+            out["acceptance"] = d.acceptance
+            out["acceptance_per_chain"] = d.acceptance_per_chain
+            out["longest_rejection_run"] = d.longest_rejection_run
+            out["longest_rejection_run_per_chain"] = d.longest_rejection_run_per_chain
+        if d.acceptance_by_kernel:
+            out["acceptance_by_kernel"] = dict(d.acceptance_by_kernel)
+        if d.exp_minus_delta_h is not None:
+            out["exp_minus_delta_h"] = d.exp_minus_delta_h.to_dict()
+        if d.frac_m_positive is not None:
+            out["frac_m_positive"] = d.frac_m_positive.to_dict()
+            out["m_over_error"] = d.m_over_error
+            out["mode_crossings"] = list(d.mode_crossings or [])
+            out["z2_symmetric_action"] = d.z2_symmetric_action
+        out["warnings"] = list(self.warnings)
+        out["notes"] = list(self.notes)
+        return out
+
+    # dict-like read access to the JSON form, for notebooks: res["chi2"]["value"]
+    def _json(self) -> dict[str, Any]:
+        cache = self.__dict__.get("_json_cache")
+        if cache is None:
+            cache = self.to_dict()
+            self.__dict__["_json_cache"] = cache
+        return cache
+
+    def __getitem__(self, key: str) -> Any:
+        return self._json()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._json()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._json())
+
+    def keys(self) -> Any:
+        return self._json().keys()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._json().get(key, default)
+
+
+# ============================================================================ stage 1: measure
 def _build_action(params: dict[str, Any], shape: tuple[int, ...]) -> tuple[Any, str | None]:
     """The action object of an ensemble, or ``(None, reason)``."""
     from flowmc.action import Phi4Action
@@ -152,28 +456,6 @@ def _build_action(params: dict[str, Any], shape: tuple[int, ...]) -> tuple[Any, 
             f"{tuple(shape)}"
         )
     return action, None
-
-
-def _longest_false_run(acc: np.ndarray) -> np.ndarray:
-    """Longest run of consecutive ``False`` along axis 0 of an ``(n, C)`` bool array, ``(C,)``."""
-    out = np.zeros(acc.shape[1], dtype=np.int64)
-    for c in range(acc.shape[1]):
-        rej = np.concatenate([[0], (~acc[:, c]).astype(np.int8), [0]])
-        d = np.diff(rej)
-        starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
-        if starts.size:
-            out[c] = int((ends - starts).max())
-    return out
-
-
-def _sign_changes(m: np.ndarray) -> list[int]:
-    """Number of sign changes of ``m`` along axis 0, per chain (zeros are skipped)."""
-    out = []
-    for c in range(m.shape[1]):
-        s = np.sign(m[:, c])
-        s = s[s != 0]
-        out.append(int(np.count_nonzero(s[1:] != s[:-1])))
-    return out
 
 
 def _n_bins(n: int, n_chains: int, volume: int) -> int:
@@ -203,24 +485,151 @@ class _Binner:
         if np.any(keep):
             np.add.at(self.sums, idx[keep], x[keep])
 
-    def bin_means(self) -> np.ndarray:
-        """``(n_bins, C, *shape)``."""
-        return self.sums / self.b
-
-    def mean(self) -> np.ndarray:
-        return self.total.sum(axis=0) / (self.n * self.total.shape[0])
+    def result(self) -> _Binned:
+        mean = self.total.sum(axis=0) / (self.n * self.total.shape[0])
+        return _Binned(mean, self.sums / self.b, self.b, self.n_bins)
 
 
-def _binned_errors(bins: np.ndarray, S: float) -> tuple[np.ndarray, np.ndarray, int]:
+def measure_ensemble(ens: Ensemble, *, discard: int = 0, chunk: int = 512) -> Measurements:
+    """Stage 1: stream an open ensemble once into per-configuration series and binned correlators.
+
+    Args:
+        ens: an open :class:`~flowmc.ensemble.Ensemble`.
+        discard: rows per chain dropped at the start.
+        chunk: rows per chain read from disk at a time (bounds memory).
+
+    Returns:
+        :class:`Measurements`.
+
+    Raises:
+        ValueError: on bad arguments, or fewer than 5 rows per chain after ``discard``.
+    """
+    if int(discard) != discard or discard < 0:
+        raise ValueError(f"Expected discard >= 0; got {discard!r}")
+    if int(chunk) != chunk or chunk < 1:
+        raise ValueError(f"Expected chunk >= 1; got {chunk!r}")
+    discard, chunk = int(discard), int(chunk)
+    n = ens.n - discard
+    if n < 5:
+        raise ValueError(
+            f"Expected at least 5 configurations per chain after discarding {discard}; "
+            f"{ens.path!r} has n = {ens.n}"
+        )
+    shape = tuple(int(s) for s in ens.lattice_shape)
+    vol = math.prod(shape)
+    n_chains = ens.n_chains
+    notes: list[str] = []
+    action, why = _build_action(ens.action, shape)
+    if action is None:
+        notes.append(f"action-dependent observables skipped: {why}")
+    scalars = {
+        name: np.asarray(ens.scalar(name)[discard:]) for name in ens.scalar_names
+    }
+    meas = Measurements(
+        path=ens.path, n=n, n_total=ens.n, discard=discard, n_chains=n_chains,
+        lattice_shape=shape, sampler=dict(ens.sampler), action_params=dict(ens.action),
+        action=action, has_configs=bool(ens.has_configs), series={}, scalars=scalars,
+        notes=notes,
+    )  # fmt: skip
+    if not ens.has_configs:
+        notes.append(
+            "the ensemble stores no configurations (--no-configs): energy, xi2, sd_check, G_x, "
+            "C_t, m_eff and pole_mass are not computed"
+        )
+        if "magnetization" in scalars:
+            m = np.asarray(scalars["magnetization"], dtype=np.float64) / vol
+            meas.series.update(m=m, abs_m=np.abs(m), m2=m**2, m4=m**4)
+        else:
+            notes.append("no 'magnetization' scalar: magnetisation observables skipped")
+        if "action" in scalars:
+            meas.series["action_density"] = np.asarray(scalars["action"], np.float64) / vol
+        return meas
+
+    n_bins = _n_bins(n, n_chains, vol)
+    g_binner = _Binner(n, n_chains, shape, n_bins)
+    c_binner = _Binner(n, n_chains, (shape[0],), n_bins)
+    # axes of the same extent as axis 0; p_min = 2 pi / L_0 along each (xi2 needs L_0 >= 2)
+    axes = [a for a in range(len(shape)) if shape[a] == shape[0]]
+    with_p1 = shape[0] >= 2
+    lat_axes = tuple(range(2, 2 + len(shape)))
+    parts: dict[str, list[np.ndarray]] = {}
+    row = 0
+    for block in ens.iter_configs(chunk, start=discard):
+        k = block.shape[0]
+        flat = np.asarray(block, dtype=np.float64).reshape(k * n_chains, *shape)
+        obs = measure(flat, action, chunk_size=k * n_chains)
+        g = obs.pop("G_x").reshape(k, n_chains, *shape)
+        g_binner.add(row, g)
+        c_binner.add(row, obs.pop("C_t").reshape(k, n_chains, shape[0]))
+        gt = np.fft.fftn(g, axes=lat_axes).real
+        lead = (slice(None), slice(None))
+        parts.setdefault("gp0", []).append(gt[(*lead, *(0,) * len(shape))])
+        if with_p1:
+            unit = [tuple(1 if b == a else 0 for b in range(len(shape))) for a in axes]
+            parts.setdefault("gp1", []).append(np.mean([gt[(*lead, *u)] for u in unit], axis=0))
+        for key, val in obs.items():
+            parts.setdefault(key, []).append(val.reshape(k, n_chains))
+        row += k
+    series = {key: np.concatenate(v) for key, v in parts.items()}
+    if "sd" in series:
+        series["sd_check"] = series.pop("sd")
+    meas.series = series
+    meas.G = g_binner.result()
+    meas.C = c_binner.result()
+    return meas
+
+
+# ============================================================================ stage 2: estimate
+class _Collector:
+    """Runs Gamma analyses, turning too-short series into recorded entries (or raising)."""
+
+    def __init__(self, *, S: float, quiet: bool) -> None:
+        self.S = S
+        self.quiet = quiet
+        self.gamma: dict[str, GammaResult] = {}
+        self.short: dict[str, GammaResult] = {}
+
+    def run(self, name: str, fn: Callable[..., GammaResult], *args: Any, **kw: Any) -> GammaResult:
+        try:
+            res = fn(*args, S=self.S, quiet=False, **kw)
+        except AutocorrError as exc:
+            if not self.quiet or exc.result is None:
+                raise
+            res = exc.result
+            self.short[name] = res
+        self.gamma[name] = res
+        return res
+
+    def estimate(self, name: str, res: GammaResult) -> Estimate:
+        return Estimate.from_gamma(res, reliable=name not in self.short)
+
+    def scalar(self, name: str, series: np.ndarray) -> Estimate:
+        """Gamma analysis of an ``(n, C)`` series; chains are replicas."""
+        return self.estimate(name, self.run(name, gamma_analysis, np.ascontiguousarray(series.T)))
+
+    def derived(
+        self, name: str, f: Callable[..., float], series: Sequence[np.ndarray], warn: list[str]
+    ) -> Estimate | None:
+        """``f(*means)`` with a linearised Gamma-method error; ``None`` (and a warning) if
+        ``f`` is not finite at the means."""
+        data = [np.ascontiguousarray(s.T) for s in series]
+        try:
+            res = self.run(name, derived_gamma, f, data)
+        except ValueError as exc:  # f non-finite at the means (e.g. xi2^2 < 0)
+            warn.append(f"{name}: not computed ({exc})")
+            return None
+        return self.estimate(name, res)
+
+
+def _binned_errors(bins: np.ndarray, S: float) -> tuple[np.ndarray, int]:
     """Gamma-method errors of each component of bin means ``(n_bins, C, *shape)``.
 
-    Returns ``(error, tau_int_in_bins, n_failed)`` with arrays of ``shape``. A component whose
-    window could not be established keeps its (unreliable) estimate and is counted.
+    Returns ``(error, n_failed)``. A component whose window could not be established keeps
+    its (unreliable) estimate and is counted.
     """
     shape = bins.shape[2:]
     flat = bins.reshape(bins.shape[0], bins.shape[1], -1)
     err = np.zeros(flat.shape[2])
-    tau = np.zeros(flat.shape[2])
     failed = 0
     for j in range(flat.shape[2]):
         series = np.ascontiguousarray(flat[:, :, j].T)
@@ -229,43 +638,43 @@ def _binned_errors(bins: np.ndarray, S: float) -> tuple[np.ndarray, np.ndarray, 
         except AutocorrError as exc:
             res, failed = exc.result, failed + 1
         # error of the mean of n_bins*C bin means of size b == error of the full mean
-        err[j], tau[j] = res.error, res.tau_int
-    return err.reshape(shape), tau.reshape(shape), failed
+        err[j] = res.error
+    return err.reshape(shape), failed
 
 
-def _meff_entry(c_bins: np.ndarray, col: _Collector, warn: list[str]) -> dict[str, list]:
-    """Effective mass per t by linearisation over the bin means of C(t-1), C(t), C(t+1)."""
+def _effective_mass(
+    c_mean: np.ndarray, c_bins: np.ndarray, col: _Collector, warn: list[str]
+) -> EffectiveMass:
+    """Effective mass per t at the means of C(t-1), C(t), C(t+1) over all rows; the error is
+    linearised over their bin means."""
     length = c_bins.shape[2]
     values: list[float | None] = [None] * length
     errors: list[float | None] = [None] * length
     n_short = 0
-
-    def f(cm: float, c0: float, cp: float) -> float:
-        r = (cm + cp) / (2.0 * c0)
-        return math.acosh(r) if r >= 1.0 else float("nan")
-
     for t in range(1, length):
         series = [np.ascontiguousarray(c_bins[:, :, (t + s) % length].T) for s in (-1, 0, 1)]
         try:
-            res = derived_gamma(f, series, S=col.S, quiet=False)
+            res = derived_gamma(effective_mass_from_slices, series, S=col.S, quiet=False)
         except AutocorrError as exc:
             if not col.quiet:
                 raise
             res, n_short = exc.result, n_short + 1
         except ValueError:  # ratio < 1 at the means (or at a finite-difference step)
             continue
-        values[t], errors[t] = float(res.value), float(res.error)
+        value = effective_mass_from_slices(*(c_mean[(t + s) % length] for s in (-1, 0, 1)))
+        if math.isfinite(value):
+            values[t], errors[t] = value, float(res.error)
     if n_short:
         warn.append(
             f"m_eff: the bin series of {n_short} time slices were too short for a reliable "
             "window; their errors are unreliable"
         )
-    return {"value": values, "error": errors}
+    return EffectiveMass(values, errors)
 
 
 def _pole_mass(
     c_mean: np.ndarray, c_err: np.ndarray, c_bins: np.ndarray, warn: list[str]
-) -> dict[str, Any] | None:
+) -> PoleMass | None:
     """Cosh fit to C(t) on [1, L/2] with the errors of C fixed, jackknife over bins."""
     length = c_mean.size
     tmin, tmax = 1, length // 2
@@ -281,27 +690,218 @@ def _pole_mass(
         with _warnings.catch_warnings():
             _warnings.simplefilter("ignore")
             fit = fit_cosh(c_mean, err, tmin=tmin, tmax=tmax)
-            n_tot = c_bins.shape[0] * c_bins.shape[1]
-            n_jk = int(min(50, n_tot))
+            n_jk = int(min(50, c_bins.shape[0] * c_bins.shape[1]))
             data = [np.ascontiguousarray(c_bins[:, :, t].T) for t in range(length)]
             _, jk_err = jackknife(mass, data, n_bins=n_jk)
     except (RuntimeError, ValueError) as exc:
         warn.append(f"pole_mass: cosh fit failed ({exc})")
         return None
-    return {
-        "value": fit.mass,
-        "error": float(jk_err),
-        "fit_error": fit.mass_err,
-        "amplitude": fit.amplitude,
-        "chi2": fit.chi2,
-        "dof": fit.dof,
-        "tmin": tmin,
-        "tmax": tmax,
-        "n_jackknife_bins": n_jk,
-    }
+    return PoleMass(
+        float(fit.mass), float(jk_err), float(fit.mass_err), float(fit.amplitude),
+        float(fit.chi2), int(fit.dof), tmin, tmax, n_jk,
+    )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- main entry
+def estimate(meas: Measurements, *, S: float = 1.5, quiet_autocorr: bool = True) -> Estimates:
+    """Stage 2: Gamma-method estimates of every observable the measurements allow.
+
+    Primaries directly; derived quantities by linearisation through one function of
+    :mod:`flowmc.observables` each; ``G_x``/``C_t``/``m_eff`` from bin means; the pole mass by a
+    cosh fit with a jackknife error.
+
+    Args:
+        meas: the output of :func:`measure_ensemble`.
+        S: Wolff's windowing parameter.
+        quiet_autocorr: record too-short series in :attr:`Estimates.short` (if ``False``,
+            re-raise the :class:`~flowmc.autocorr.AutocorrError`).
+
+    Returns:
+        :class:`Estimates`.
+    """
+    if not (math.isfinite(S) and S >= 0):
+        raise ValueError(f"Expected S >= 0; got {S!r}")
+    col = _Collector(S=S, quiet=quiet_autocorr)
+    warn: list[str] = []
+    notes: list[str] = []
+    series = meas.series
+    vol = meas.volume
+    length0 = meas.lattice_shape[0]
+    found: dict[str, Estimate | None] = {}
+    for key in PRIMARY_KEYS:
+        if key in series:
+            found[key] = col.scalar(key, series[key])
+    if "m2" in series:
+        m2, abs_m, m4 = series["m2"], series["abs_m"], series["m4"]
+        found["chi2"] = col.derived(
+            "chi2", functools.partial(chi2_from_means, volume=vol), [m2], warn
+        )
+        found["chi_conn"] = col.derived(
+            "chi_conn", functools.partial(chi_connected_from_means, volume=vol), [m2, abs_m], warn
+        )
+        found["binder"] = col.derived("binder", binder_from_means, [m2, m4], warn)
+    if "gp1" in series:
+        found["xi2"] = col.derived(
+            "xi2", functools.partial(xi2_from_momenta, length=length0),
+            [series["gp0"], series["gp1"]], warn,
+        )  # fmt: skip
+    elif "gp0" in series:
+        notes.append(f"xi2 needs L >= 2 along axis 0 (L_0 = {length0}); skipped")
+    out = Estimates(
+        observables={k: found[k] for k in SCALAR_KEYS if found.get(k) is not None},
+        warnings=warn,
+        notes=notes,
+    )
+
+    if meas.G is not None and meas.C is not None:
+        g_err, g_fail = _binned_errors(meas.G.bins, S)
+        c_err, c_fail = _binned_errors(meas.C.bins, S)
+        if g_fail or c_fail:
+            warn.append(
+                f"G_x/C_t: the bin series of {g_fail} separations / {c_fail} time slices were "
+                "too short for a reliable window; their errors are unreliable"
+            )
+        out.G_x = Correlator(meas.G.mean, g_err, meas.G.bin_size, meas.G.n_bins)
+        out.C_t = Correlator(meas.C.mean, c_err, meas.C.bin_size, meas.C.n_bins)
+        if length0 >= 3:
+            out.m_eff = _effective_mass(meas.C.mean, meas.C.bins, col, warn)
+        else:
+            notes.append(f"m_eff needs L >= 3 along axis 0 (L_0 = {length0}); skipped")
+        if length0 >= 6:  # fit range t = 1..L/2 with at least 3 points for 2 parameters
+            out.pole_mass = _pole_mass(meas.C.mean, c_err, meas.C.bins, warn)
+        else:
+            notes.append(
+                f"pole_mass needs L >= 6 along axis 0 (3 points in t = 1..L/2; L_0 = "
+                f"{length0}); skipped"
+            )
+    out.gamma, out.short = col.gamma, col.short
+    return out
+
+
+# ============================================================================ stage 3: diagnose
+def diagnose(
+    meas: Measurements, est: Estimates, *, S: float = 1.5, quiet_autocorr: bool = True
+) -> Diagnostics:
+    """Stage 3: sampler and consistency diagnostics, with plain-language warnings.
+
+    Acceptance (generic ``accepted`` and per kernel), longest rejection runs,
+    :math:`\\langle e^{-\\Delta H}\\rangle` (exactly 1 for HMC), the Schwinger–Dyson check
+    (exactly 1), the Z2 sign rule (:func:`flowmc.diagnostics.sign_balance_rule`) and chains
+    stuck in one mode.
+
+    Args:
+        meas: the output of :func:`measure_ensemble`.
+        est: the output of :func:`estimate` (for ``m`` and ``sd_check``).
+        S: Wolff's windowing parameter.
+        quiet_autocorr: as for :func:`estimate`.
+
+    Returns:
+        :class:`Diagnostics`.
+    """
+    col = _Collector(S=S, quiet=quiet_autocorr)
+    out = Diagnostics()
+    warn, notes = out.warnings, out.notes
+    sc = meas.scalars
+    generic = next((k for k in ("accepted", "is_accepted") if k in sc), None)
+    if generic is not None:
+        acc = np.asarray(sc[generic], dtype=bool)
+        runs = longest_rejection_run(acc)
+        out.acceptance = float(acc.mean())
+        out.acceptance_per_chain = acc.mean(axis=0).tolist()
+        out.longest_rejection_run = int(runs.max())
+        out.longest_rejection_run_per_chain = runs.tolist()
+        if meas.sampler.get("name") == "hybrid":
+            notes.append(
+                f"'accepted' of a hybrid ensemble is the {kernel_of_sampler(meas.sampler)} "
+                "step's: acceptance and rejection runs refer to it"
+            )
+    else:
+        notes.append("no 'accepted' scalar: acceptance and rejection runs not computed")
+    out.acceptance_by_kernel, kernel_notes = acceptance_by_kernel(sc, meas.sampler)
+    notes.extend(kernel_notes)
+
+    if "delta_h" in sc:
+        dh = np.nan_to_num(np.asarray(sc["delta_h"], dtype=np.float64), nan=np.inf, posinf=np.inf)
+        e = col.scalar("exp_minus_delta_h", np.exp(-dh))
+        out.exp_minus_delta_h = e
+        if e.error > 0 and abs(e.value - 1.0) > Z2_SIGMA * e.error:
+            warn.append(
+                f"<exp(-dH)> = {e.value:.4g} +- {e.error:.2g} differs from 1 by more than "
+                f"{Z2_SIGMA:g} sigma: the HMC integrator is not reversible/area preserving"
+            )
+
+    sd = est.observables.get("sd_check")
+    if sd is not None and sd.error > 0 and abs(sd.value - 1.0) > Z2_SIGMA * sd.error:
+        warn.append(
+            f"Schwinger-Dyson check <sd> = {sd.value:.5g} +- {sd.error:.2g} differs from "
+            f"its exact value 1 by more than {Z2_SIGMA:g} sigma: the ensemble does not sample "
+            "exp(-S) (biased sampler, or unreliable error bars)"
+        )
+
+    m = meas.series.get("m")
+    m_est = est.observables.get("m")
+    if m is not None and m_est is not None:
+        _z2(out, m, m_est, meas.action, col)
+    out.gamma, out.short = col.gamma, col.short
+    return out
+
+
+def _z2(out: Diagnostics, m: np.ndarray, m_est: Estimate, action: Any, col: _Collector) -> None:
+    """Sign balance and mode crossings of the magnetisation (the one Z2 rule)."""
+    pos = (m > 0).astype(np.float64)
+    res = col.run("frac_m_positive", gamma_analysis, np.ascontiguousarray(pos.T))
+    p = float(res.value)
+    # a one-signed (constant) series has zero Gamma error: floor at the binomial error
+    err = max(float(res.error), binomial_error(p, m.size))
+    out.frac_m_positive = col.estimate("frac_m_positive", res)._replace(error=err)
+    out.m_over_error = (
+        float(m_est.value / m_est.error)
+        if m_est.error > 0
+        else math.copysign(math.inf, m_est.value)
+    )
+    out.mode_crossings = sign_changes(m)
+    z2 = bool(getattr(action, "is_z2_symmetric", False)) if action is not None else None
+    out.z2_symmetric_action = z2
+    if not z2:
+        out.notes.append("Z2 sign-balance checks skipped (action unknown or not Z2 symmetric)")
+        return
+    rule = sign_balance_rule(p, err, m_over_error=out.m_over_error)
+    out.sign_balance = rule
+    if rule.imbalanced:
+        out.warnings.append(
+            f"Z2 sign balance is off: <m> = {m_est.value:.4g} +- {m_est.error:.2g} "
+            f"({out.m_over_error:+.1f} sigma from 0), frac(m > 0) = {p:.3f} +- {err:.2g} "
+            f"({rule.z_frac:.1f} sigma from 1/2), although the action is Z2 symmetric. The chains "
+            "do not sample both modes in proportion: Z2-odd observables are biased and errors of "
+            "the others may be underestimated. Use a Z2-symmetrised flow (--symmetric) or "
+            "longer chains."
+        )
+    stuck = stuck_chains(m)
+    if stuck:
+        out.warnings.append(
+            f"chain(s) {stuck} never crossed between the modes m > 0 and m < 0 while |<m>| is "
+            "large compared with its spread (broken phase): each chain samples one Z2 sector "
+            "only, so m, frac(m > 0) and tau_int are unreliable; symmetrise the observables or "
+            "the proposal."
+        )
+
+
+def _short_warning(short: dict[str, GammaResult]) -> str | None:
+    """One message naming every series too short for its autocorrelation time."""
+    if not short:
+        return None
+    n = next(iter(short.values())).n
+    items = ", ".join(
+        f"{k} (tau_int = {r.tau_int:.3g} +- {r.tau_int_error:.2g})" for k, r in short.items()
+    )
+    return (
+        f"series too short for a reliable autocorrelation analysis (need N >= 50 tau_int "
+        f"and a closed window; N = {n} over all chains): {items}. Their error bars and "
+        "tau_int are unreliable (probably underestimated): run longer chains or improve "
+        "the sampler."
+    )
+
+
+# ============================================================================ entry point
 def analyze(
     path_or_ensemble: str | os.PathLike[str] | Ensemble,
     *,
@@ -309,12 +909,12 @@ def analyze(
     S: float = 1.5,
     chunk: int = 512,
     quiet_autocorr: bool = True,
-) -> dict[str, Any]:
+) -> AnalysisResult:
     r"""Analyse an ensemble: observables with Gamma-method errors and sampler/Z2 diagnostics.
 
-    Streams the configurations ``chunk`` rows (times ``C`` chains) at a time. All ``C`` chains
-    are replicas of one Monte Carlo history in the Gamma method (one global mean, Γ(t) summed
-    over chains).
+    Runs :func:`measure_ensemble`, :func:`estimate` and :func:`diagnose`. All ``C`` chains are
+    replicas of one Monte Carlo history in the Gamma method (one global mean, Γ(t) summed over
+    chains).
 
     Args:
         path_or_ensemble: an ensemble file or an open :class:`~flowmc.ensemble.Ensemble`.
@@ -322,13 +922,11 @@ def analyze(
         S: Wolff's windowing parameter (see :func:`flowmc.autocorr.gamma_analysis`).
         chunk: rows per chain read from disk at a time (bounds memory).
         quiet_autocorr: record a too-short series (``AutocorrError``) as a message in
-            ``result["warnings"]`` and keep its unreliable estimate; if ``False`` re-raise it.
+            ``warnings`` and keep its unreliable estimate; if ``False`` re-raise it.
 
     Returns:
-        A dict with the keys documented in ``docs/analysis.md``: one entry
-        ``{value, error, tau_int, tau_int_error, ess, window}`` for each of :data:`SCALAR_KEYS`
-        that could be computed, ``G_x``, ``C_t``, ``m_eff``, ``pole_mass``, sampler and Z2
-        diagnostics, ``warnings`` and ``notes``. Keys starting with ``_`` are in-memory extras.
+        :class:`AnalysisResult`; ``res["chi2"]`` (and :meth:`AnalysisResult.to_dict`) give the
+        JSON form documented in ``docs/analysis.md``.
 
     Raises:
         ValueError: if ``discard`` leaves fewer than 5 rows per chain, or on bad arguments.
@@ -336,260 +934,29 @@ def analyze(
 
     Example:
         >>> res = analyze("run.h5", discard=100)  # doctest: +SKIP
-        >>> res["chi2"]["value"], res["chi2"]["error"]  # doctest: +SKIP
+        >>> res["chi2"]["value"], res.observables["chi2"].error  # doctest: +SKIP
     """
-    if isinstance(path_or_ensemble, Ensemble):
-        return _analyze(path_or_ensemble, discard, S, chunk, quiet_autocorr)
-    with open_ensemble(path_or_ensemble) as ens:
-        return _analyze(ens, discard, S, chunk, quiet_autocorr)
-
-
-def _analyze(ens: Ensemble, discard: int, S: float, chunk: int, quiet: bool) -> dict[str, Any]:
-    if int(discard) != discard or discard < 0:
-        raise ValueError(f"Expected discard >= 0; got {discard!r}")
-    if int(chunk) != chunk or chunk < 1:
-        raise ValueError(f"Expected chunk >= 1; got {chunk!r}")
-    if not (math.isfinite(S) and S >= 0):
+    try:
+        ok = math.isfinite(float(S)) and float(S) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError(f"Expected S >= 0; got {S!r}")
-    discard, chunk = int(discard), int(chunk)
-    n = ens.n - discard
-    if n < 5:
-        raise ValueError(
-            f"Expected at least 5 configurations per chain after discarding {discard}; "
-            f"{ens.path!r} has n = {ens.n}"
-        )
-    shape = tuple(ens.lattice_shape)
-    vol = math.prod(shape)
-    n_chains = ens.n_chains
-    col = _Collector(S=S, quiet=quiet)
-    notes: list[str] = []
-    action, why = _build_action(ens.action, shape)
-    if action is None:
-        notes.append(f"action-dependent observables skipped: {why}")
-
-    out: dict[str, Any] = {
-        "path": ens.path,
-        "n": n,
-        "n_total": ens.n,
-        "discard": discard,
-        "chains": n_chains,
-        "lattice_shape": list(shape),
-        "volume": vol,
-        "sampler": dict(ens.sampler),
-        "action": dict(ens.action),
-        "has_configs": bool(ens.has_configs),
-        "S": S,
-    }
-    names = set(ens.scalar_names)
-    series: dict[str, np.ndarray] = {}
-
-    # ---------------------------------------------------------------- per-config series
-    c_binner = g_binner = None
-    if ens.has_configs:
-        n_bins = _n_bins(n, n_chains, vol)
-        g_binner = _Binner(n, n_chains, shape, n_bins)
-        c_binner = _Binner(n, n_chains, (shape[0],), n_bins)
-        axes = [a for a in range(len(shape)) if shape[a] == shape[0]]
-        parts: dict[str, list[np.ndarray]] = {}
-        row = 0
-        for block in ens.iter_configs(chunk, start=discard):
-            k = block.shape[0]
-            flat = np.asarray(block, dtype=np.float64).reshape(k * n_chains, *shape)
-            obs = measure(flat, action, chunk_size=k * n_chains)
-            g = obs.pop("G_x").reshape(k, n_chains, *shape)
-            g_binner.add(row, g)
-            c_binner.add(row, obs.pop("C_t").reshape(k, n_chains, shape[0]))
-            # per-config momentum-space G at p = 0 and p_min (for xi2), averaged over axes
-            gt = np.fft.fftn(g, axes=tuple(range(2, 2 + len(shape)))).real
-            lat0 = (slice(None), slice(None))
-            parts.setdefault("gp0", []).append(gt[(*lat0, *(0,) * len(shape))])
-            gp1 = np.mean(
-                [gt[(*lat0, *(1 if b == a else 0 for b in range(len(shape))))] for a in axes],
-                axis=0,
-            )
-            parts.setdefault("gp1", []).append(gp1)
-            for key, val in obs.items():
-                parts.setdefault(key, []).append(val.reshape(k, n_chains))
-            row += k
-        series = {key: np.concatenate(v) for key, v in parts.items()}
-        if "sd" in series:
-            series["sd_check"] = series.pop("sd")
+    if isinstance(path_or_ensemble, Ensemble):
+        meas = measure_ensemble(path_or_ensemble, discard=discard, chunk=chunk)
     else:
-        notes.append(
-            "the ensemble stores no configurations (--no-configs): energy, xi2, sd_check, G_x, "
-            "C_t, m_eff and pole_mass are not computed"
-        )
-        if "magnetization" in names:
-            m = ens.scalar("magnetization")[discard:] / vol
-            series.update(m=m, abs_m=np.abs(m), m2=m**2, m4=m**4)
-        else:
-            notes.append("no 'magnetization' scalar: magnetisation observables skipped")
-        if "action" in names:
-            series["action_density"] = ens.scalar("action")[discard:] / vol
-
-    # ---------------------------------------------------------------- primaries
-    for key in ("m", "abs_m", "m2", "energy", "action_density", "sd_check"):
-        if key in series:
-            out[key] = col.scalar(key, series[key])
-
-    # ---------------------------------------------------------------- derived
-    if "m2" in series:
-        out["chi2"] = col.derived(
-            "chi2", lambda a: vol * a, [series["m2"]], grad=lambda a: [float(vol)]
-        )
-        out["chi_conn"] = col.derived(
-            "chi_conn",
-            lambda a, b: vol * (a - b * b),
-            [series["m2"], series["abs_m"]],
-            grad=lambda a, b: [float(vol), -2.0 * vol * b],
-        )
-        out["binder"] = col.derived(
-            "binder",
-            lambda a, b: 1.0 - b / (3.0 * a * a),
-            [series["m2"], series["m4"]],
-            grad=lambda a, b: [2.0 * b / (3.0 * a**3), -1.0 / (3.0 * a * a)],
-        )
-    if "gp0" in series:
-        if shape[0] >= 2:
-            s2 = 4.0 * math.sin(math.pi / shape[0]) ** 2
-
-            def xi(p0: float, p1: float) -> float:
-                x = (p0 / p1 - 1.0) / s2
-                return math.sqrt(x) if x >= 0 else float("nan")
-
-            out["xi2"] = col.derived("xi2", xi, [series["gp0"], series["gp1"]])
-        else:
-            notes.append("xi2 needs L >= 2 along axis 0; skipped")
-    for key in SCALAR_KEYS:
-        if key in out and out[key] is None:
-            del out[key]
-
-    # ---------------------------------------------------------------- correlators
-    warn = col.warnings
-    if g_binner is not None and c_binner is not None:
-        g_mean = g_binner.mean()
-        g_err, _, g_fail = _binned_errors(g_binner.bin_means(), S)
-        c_mean = c_binner.mean()
-        c_bins = c_binner.bin_means()
-        c_err, _, c_fail = _binned_errors(c_bins, S)
-        if g_fail or c_fail:
-            warn.append(
-                f"G_x/C_t: the bin series of {g_fail} separations / {c_fail} time slices were "
-                "too short for a reliable window; their errors are unreliable"
-            )
-        out["G_x"] = {
-            "value": g_mean.tolist(),
-            "error": g_err.tolist(),
-            "bin_size": g_binner.b,
-            "n_bins": g_binner.n_bins,
-        }
-        out["C_t"] = {
-            "value": c_mean.tolist(),
-            "error": c_err.tolist(),
-            "bin_size": c_binner.b,
-            "n_bins": c_binner.n_bins,
-        }
-        if shape[0] >= 3:
-            out["m_eff"] = _meff_entry(c_bins, col, warn)
-        else:
-            notes.append("m_eff needs L >= 3 along axis 0; skipped")
-        if shape[0] >= 6:  # fit range t = 1..L/2 with at least 3 points for 2 parameters
-            pm = _pole_mass(c_mean, c_err, c_bins, warn)
-            if pm is not None:
-                out["pole_mass"] = pm
-        else:
-            notes.append("pole_mass needs L >= 6 along axis 0 (3 points in t = 1..L/2); skipped")
-
-    # ---------------------------------------------------------------- sampler diagnostics
-    if "accepted" in names or "is_accepted" in names:
-        acc = ens.scalar("accepted" if "accepted" in names else "is_accepted")[discard:]
-        acc = np.asarray(acc, dtype=bool)
-        out["acceptance"] = float(acc.mean())
-        out["acceptance_per_chain"] = acc.mean(axis=0).tolist()
-        runs = _longest_false_run(acc)
-        out["longest_rejection_run"] = int(runs.max())
-        out["longest_rejection_run_per_chain"] = runs.tolist()
-    else:
-        notes.append("no 'accepted' scalar: acceptance and rejection runs not computed")
-    if "delta_h" in names:
-        dh = np.asarray(ens.scalar("delta_h")[discard:], dtype=np.float64)
-        dh = np.nan_to_num(dh, nan=np.inf, posinf=np.inf)
-        out["exp_minus_delta_h"] = col.scalar("exp_minus_delta_h", np.exp(-dh))
-        e = out["exp_minus_delta_h"]
-        if e["error"] > 0 and abs(e["value"] - 1.0) > Z2_SIGMA * e["error"]:
-            warn.append(
-                f"<exp(-dH)> = {e['value']:.4g} +- {e['error']:.2g} differs from 1 by more than "
-                f"{Z2_SIGMA:g} sigma: the HMC integrator is not reversible/area preserving"
-            )
-
-    # ---------------------------------------------------------------- consistency checks
-    sd = out.get("sd_check")
-    if sd is not None and sd["error"] > 0 and abs(sd["value"] - 1.0) > Z2_SIGMA * sd["error"]:
-        warn.append(
-            f"Schwinger-Dyson check <sd> = {sd['value']:.5g} +- {sd['error']:.2g} differs from "
-            f"its exact value 1 by more than {Z2_SIGMA:g} sigma: the ensemble does not sample "
-            "exp(-S) (biased sampler, or unreliable error bars)"
-        )
-
-    # ---------------------------------------------------------------- Z2 diagnostics
-    if "m" in series:
-        _z2(out, series["m"], action, col, warn, notes)
-
-    short = col.short_warning()
-    if short is not None:
-        warn.insert(0, short)
-    out["warnings"] = warn
-    out["notes"] = notes
-    out["_gamma"] = col.gamma
-    out["_series"] = series
-    return out
-
-
-def _z2(
-    out: dict[str, Any],
-    m: np.ndarray,
-    action: Any,
-    col: _Collector,
-    warn: list[str],
-    notes: list[str],
-) -> None:
-    """Sign balance and mode crossings of the magnetisation; appends warnings."""
-    n_tot = m.size
-    pos = (m > 0).astype(np.float64)
-    res = col.run("frac_m_positive", gamma_analysis, np.ascontiguousarray(pos.T))
-    p = float(res.value)
-    # binomial floor: a one-signed (constant) series has zero Gamma error
-    err = max(float(res.error), math.sqrt(max(p * (1.0 - p), 0.25 / n_tot) / n_tot))
-    out["frac_m_positive"] = {**col.entry("frac_m_positive", res), "error": err}
-    me = out["m"]
-    out["m_over_error"] = float(me["value"] / me["error"]) if me["error"] > 0 else float("inf")
-    out["mode_crossings"] = _sign_changes(m)
-
-    z2 = bool(getattr(action, "is_z2_symmetric", False)) if action is not None else None
-    out["z2_symmetric_action"] = z2
-    if not z2:
-        notes.append("Z2 sign-balance checks skipped (action unknown or not Z2 symmetric)")
-        return
-    z_frac = abs(p - 0.5) / err
-    if abs(out["m_over_error"]) > Z2_SIGMA or z_frac > Z2_SIGMA:
-        warn.append(
-            f"Z2 sign balance is off: <m> = {me['value']:.4g} +- {me['error']:.2g} "
-            f"({out['m_over_error']:+.1f} sigma from 0), frac(m > 0) = {p:.3f} +- {err:.2g} "
-            f"({z_frac:.1f} sigma from 1/2), although the action is Z2 symmetric. The chains do "
-            "not sample both modes in proportion: Z2-odd observables are biased and errors of "
-            "the others may be underestimated. Use a Z2-symmetrised flow (--symmetric) or "
-            "longer chains."
-        )
-    stuck = []
-    for c in range(m.shape[1]):
-        mc = m[:, c]
-        sd = float(mc.std())
-        if out["mode_crossings"][c] == 0 and abs(float(mc.mean())) > 3.0 * sd:
-            stuck.append(c)
-    if stuck:
-        warn.append(
-            f"chain(s) {stuck} never crossed between the modes m > 0 and m < 0 while |<m>| is "
-            "large compared with its spread (broken phase): each chain samples one Z2 sector "
-            "only, so m, frac(m > 0) and tau_int are unreliable; symmetrise the observables or "
-            "the proposal."
-        )
+        with open_ensemble(path_or_ensemble) as ens:
+            meas = measure_ensemble(ens, discard=discard, chunk=chunk)
+    est = estimate(meas, S=S, quiet_autocorr=quiet_autocorr)
+    diag = diagnose(meas, est, S=S, quiet_autocorr=quiet_autocorr)
+    short = _short_warning({**est.short, **diag.short})
+    warnings = ([short] if short else []) + est.warnings + diag.warnings
+    return AnalysisResult(
+        path=meas.path, n=meas.n, n_total=meas.n_total, discard=meas.discard,
+        chains=meas.n_chains, lattice_shape=meas.lattice_shape, volume=meas.volume,
+        sampler=meas.sampler, action=meas.action_params, has_configs=meas.has_configs,
+        S=float(S), observables=est.observables, G_x=est.G_x, C_t=est.C_t, m_eff=est.m_eff,
+        pole_mass=est.pole_mass, diagnostics=diag, warnings=warnings,
+        notes=meas.notes + est.notes + diag.notes, gamma={**est.gamma, **diag.gamma},
+        series=meas.series, scalars=meas.scalars,
+    )  # fmt: skip

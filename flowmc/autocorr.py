@@ -561,8 +561,8 @@ def _log_weights(log_weights: ArrayLike) -> np.ndarray:
     return lw
 
 
-def kish_ess(log_weights: ArrayLike) -> float:
-    r"""Normalised Kish effective sample size of importance weights.
+def kish_ess(log_weights: ArrayLike, *, nonfinite: str = "raise") -> float:
+    r"""Normalised Kish effective sample size of importance weights (flowmc's one Kish ESS).
 
     .. math:: \mathrm{ESS} = \frac{(\sum_i w_i)^2}{N \sum_i w_i^2}
               = \exp\!\big(2\,\mathrm{LSE}(\log w) - \mathrm{LSE}(2\log w) - \log N\big)
@@ -572,18 +572,32 @@ def kish_ess(log_weights: ArrayLike) -> float:
     For flow samples use ``log_weights = -action - log_q``.
 
     Args:
-        log_weights: ``(N,)`` log importance weights (``-inf`` = zero weight).
+        log_weights: ``(N,)`` log importance weights (``-inf`` = zero weight); a numpy array,
+            a sequence or a torch tensor (any device).
+        nonfinite: ``"raise"`` (default): a NaN or ``+inf`` log weight is an error;
+            ``"zero"``: every non-finite log weight counts as a zero weight (a flow sample whose
+            action or density overflowed; used by training and :func:`flowmc.evaluate`).
 
     Returns:
         The ESS fraction (multiply by ``N`` for an effective number of samples).
 
     Raises:
-        ValueError: if any log weight is NaN or ``+inf``, or all are ``-inf``.
+        ValueError: if any log weight is NaN or ``+inf`` (``nonfinite="raise"``), or all are
+            ``-inf``, or ``nonfinite`` is unknown.
 
     Example:
         >>> kish_ess([0.0, 0.0, 0.0, 0.0])
         1.0
+        >>> kish_ess([0.0, float("nan")], nonfinite="zero")
+        0.5
     """
+    if nonfinite not in ("raise", "zero"):
+        raise ValueError(f"Expected nonfinite 'raise' or 'zero'; got {nonfinite!r}")
+    if hasattr(log_weights, "detach"):  # a torch tensor, possibly on an accelerator
+        log_weights = log_weights.detach().double().cpu().numpy()
+    if nonfinite == "zero":
+        lw = np.asarray(log_weights, dtype=np.float64).reshape(-1)
+        log_weights = np.where(np.isfinite(lw), lw, -np.inf)
     lw = _log_weights(log_weights)
     val = math.exp(2.0 * logsumexp(lw) - logsumexp(2.0 * lw) - math.log(lw.size))
     return float(min(max(val, 1.0 / lw.size), 1.0))  # clip roundoff outside [1/N, 1]

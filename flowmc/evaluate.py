@@ -8,12 +8,22 @@ For :math:`N` independent draws :math:`\phi_i\sim q` with :math:`w_i = e^{-S(\ph
 * :math:`\hat Z = \frac1N\sum_i w_i`, unbiased for any :math:`q`; the error of
   :math:`\log\hat Z` is :math:`\mathrm{sd}(w)/(\bar w\sqrt N)` (delta method);
 * the MH acceptance of an independence chain run on the same draws;
-* the fraction of samples with :math:`M > 0` (½ for a Z2-symmetric target) with its binomial error.
+* the fraction of samples with :math:`M > 0` (½ for a Z2-symmetric target) with its binomial error
+  (:func:`flowmc.diagnostics.binomial_error`) and the outcome of the one Z2 sign rule
+  (:func:`flowmc.diagnostics.sign_balance_rule`), which also decides, after training, whether a
+  flow is sampled through its Z2-symmetrised density (:func:`needs_symmetrisation`).
+
+:func:`evaluate_flow` returns a :class:`FlowEvaluation`; tables and plots of it are in
+:mod:`flowmc.report` (:func:`~flowmc.report.eval_table`,
+:func:`~flowmc.report.plot_action_vs_effective`).
 """
 
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,11 +31,13 @@ import torch
 from flowmc import imh
 from flowmc.action import Phi4Action
 from flowmc.autocorr import kish_ess
+from flowmc.diagnostics import Z2_SIGMA, SignBalance, binomial_error, sign_balance_rule
 
 __all__ = [
+    "FlowEvaluation",
     "evaluate_flow",
+    "evaluate_model",
     "draw_samples",
-    "plot_action_vs_effective",
     "sign_balance",
     "needs_symmetrisation",
 ]
@@ -58,10 +70,70 @@ def draw_samples(
     return res
 
 
-def _kish(log_w: np.ndarray) -> float:
-    """Kish ESS with non-finite weights counted as zero weight."""
-    log_w = np.asarray(log_w, dtype=np.float64)
-    return kish_ess(np.where(np.isfinite(log_w), log_w, -np.inf))
+@dataclass
+class FlowEvaluation:
+    """Quality of a flow on fresh samples (:func:`evaluate_flow`).
+
+    Indexing gives the JSON form (``res["ess"]``); :meth:`to_dict` returns all of it.
+
+    Attributes:
+        n: number of samples.
+        batch_size: samples per flow call (and per ESS batch).
+        ess: Kish ESS fraction of all ``n`` samples.
+        ess_batch_mean, ess_batch_err: mean of the per-batch ESS and its standard error.
+        ess_batches: the per-batch values.
+        f_q, f_q_err: variational free energy :math:`F_q \\ge -\\log Z` and its error.
+        log_z, log_z_err: :math:`\\log\\hat Z` and its delta-method error.
+        mh_acceptance: acceptance of an independence MH chain run on the same draws.
+        frac_m_positive, frac_m_positive_err: fraction with ``M > 0`` and its binomial error.
+        n_nonfinite: samples with a non-finite weight (counted as zero weight).
+        z2_symmetric_action: whether the target is Z2 symmetric.
+        sign_balance: the Z2 sign rule's outcome (``None`` if the target is not Z2 symmetric).
+        seconds, model, action, symmetric, log_z_exact: filled by :func:`evaluate_model`.
+        samples: the draws, ``{"action", "log_q", "magnetization"}`` float64 arrays ``(n,)``.
+    """
+
+    n: int
+    batch_size: int
+    ess: float
+    ess_batch_mean: float
+    ess_batch_err: float
+    ess_batches: list[float]
+    f_q: float
+    f_q_err: float
+    log_z: float
+    log_z_err: float
+    mh_acceptance: float
+    frac_m_positive: float
+    frac_m_positive_err: float
+    n_nonfinite: int
+    z2_symmetric_action: bool
+    sign_balance: SignBalance | None
+    seconds: float | None = None
+    model: str | None = None
+    action: dict | None = None
+    symmetric: bool | None = None
+    log_z_exact: float | None = None
+    samples: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: every attribute except ``samples``; ``sign_balance`` as a dict."""
+        skip = ("samples", "sign_balance")
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        out["ess_batches"] = list(self.ess_batches)
+        sb = self.sign_balance
+        out["sign_balance"] = None if sb is None else dict(sb._asdict())
+        out["z2_imbalanced"] = None if sb is None else sb.imbalanced
+        for key in ("seconds", "model", "action", "symmetric", "log_z_exact"):
+            if out[key] is None:
+                del out[key]
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_dict()
 
 
 def evaluate_flow(
@@ -71,13 +143,11 @@ def evaluate_flow(
     *,
     batch_size: int = 1024,
     generator: torch.Generator | None = None,
-) -> dict:
+) -> FlowEvaluation:
     """Evaluate a flow on ``n`` fresh samples (see module docstring).
 
     Returns:
-        A JSON-serialisable dict with keys ``n, batch_size, ess, ess_batch_mean, ess_batch_err,
-        f_q, f_q_err, log_z, log_z_err, mh_acceptance, frac_m_positive, frac_m_positive_err,
-        n_nonfinite`` (and ``ess_batches``, the per-batch values).
+        :class:`FlowEvaluation` (``res["ess"]`` etc. give its JSON form).
     """
     if n < 2:
         raise ValueError(f"Expected n >= 2 samples; got {n}")
@@ -88,7 +158,7 @@ def evaluate_flow(
     finite = np.isfinite(log_w)
     lw = log_w[finite]
     n_batches = max(n // batch_size, 1)
-    ess_batches = [_kish(b) for b in np.array_split(log_w, n_batches)]
+    ess_batches = [kish_ess(b, nonfinite="zero") for b in np.array_split(log_w, n_batches)]
     shift = lw.max()
     w = np.exp(lw - shift)
     z_mean = w.sum() / n
@@ -109,25 +179,52 @@ def evaluate_flow(
         log_u,
     )
     pos = float(np.mean(s["magnetization"] > 0))
-    return {
-        "n": int(n),
-        "batch_size": int(batch_size),
-        "ess": _kish(log_w),
-        "ess_batch_mean": float(np.mean(ess_batches)),
-        "ess_batch_err": float(np.std(ess_batches, ddof=1) / math.sqrt(len(ess_batches)))
+    pos_err = binomial_error(pos, n)
+    z2 = bool(getattr(action, "is_z2_symmetric", False))
+    return FlowEvaluation(
+        n=int(n),
+        batch_size=int(batch_size),
+        ess=kish_ess(log_w, nonfinite="zero"),
+        ess_batch_mean=float(np.mean(ess_batches)),
+        ess_batch_err=float(np.std(ess_batches, ddof=1) / math.sqrt(len(ess_batches)))
         if len(ess_batches) > 1
         else float("nan"),
-        "ess_batches": [float(e) for e in ess_batches],
-        "f_q": float(f.mean()),
-        "f_q_err": float(f.std(ddof=1) / math.sqrt(f.size)),
-        "log_z": log_z,
-        "log_z_err": log_z_err,
-        "mh_acceptance": float(info.is_accepted.double().mean()),
-        "frac_m_positive": pos,
-        "frac_m_positive_err": _binomial_error(pos, n),
-        "n_nonfinite": int((~finite).sum()),
-        "_samples": s,
-    }
+        ess_batches=[float(e) for e in ess_batches],
+        f_q=float(f.mean()),
+        f_q_err=float(f.std(ddof=1) / math.sqrt(f.size)),
+        log_z=log_z,
+        log_z_err=log_z_err,
+        mh_acceptance=float(info.is_accepted.double().mean()),
+        frac_m_positive=pos,
+        frac_m_positive_err=pos_err,
+        n_nonfinite=int((~finite).sum()),
+        z2_symmetric_action=z2,
+        sign_balance=sign_balance_rule(pos, pos_err) if z2 else None,
+        samples=s,
+    )
+
+
+def evaluate_model(
+    model: Any,
+    n: int = 10240,
+    *,
+    batch_size: int = 1024,
+    generator: torch.Generator | None = None,
+) -> FlowEvaluation:
+    """:func:`evaluate_flow` on a :class:`~flowmc.checkpoint.LoadedModel`, with provenance.
+
+    Fills ``seconds``, ``model`` (its path), ``action`` (parameters), ``symmetric`` and, for the
+    free theory (``lam == 0``), the exact ``log_z_exact``.
+    """
+    t0 = time.perf_counter()
+    res = evaluate_flow(model.proposal, model.action, n, batch_size=batch_size, generator=generator)
+    res.seconds = time.perf_counter() - t0
+    res.model = str(model.path)
+    res.action = model.action.params()
+    res.symmetric = bool(model.symmetric)
+    if model.action.lam == 0:
+        res.log_z_exact = float(model.action.free_theory().log_z())
+    return res
 
 
 def sign_balance(
@@ -137,15 +234,11 @@ def sign_balance(
     *,
     generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
-    """Fraction of ``n`` proposal draws with M > 0 and its binomial error (floored at 1/(2n))."""
+    """Fraction of ``n`` proposal draws with M > 0 and its binomial error
+    (:func:`flowmc.diagnostics.binomial_error`)."""
     m = draw_samples(proposal, action, n, generator=generator)["magnetization"]
     frac = float(np.mean(m > 0))
-    return frac, _binomial_error(frac, n)
-
-
-def _binomial_error(frac: float, n: int) -> float:
-    """Binomial standard error of a fraction, floored at that of one count in ``2n``."""
-    return math.sqrt(max(frac * (1 - frac), 0.25 / n) / n)
+    return frac, binomial_error(frac, n)
 
 
 def needs_symmetrisation(
@@ -153,13 +246,14 @@ def needs_symmetrisation(
     action: Phi4Action,
     *,
     n: int = 4096,
-    threshold: float = 4.0,
+    threshold: float = Z2_SIGMA,
     generator: torch.Generator | None = None,
 ) -> bool:
     """Whether a trained flow should be sampled through ``Z2SymmetricFlow``.
 
     True when the action is Z2 symmetric, the flow is not Z2 equivariant (an equivariant flow is
-    already even) and its draws are sign-imbalanced: the fraction with M > 0 is more than
+    already even) and its draws are sign-imbalanced by the one Z2 sign rule
+    (:func:`flowmc.diagnostics.sign_balance_rule`): the fraction with M > 0 is more than
     ``threshold`` binomial errors from ½, i.e. the flow (nearly) misses one of the modes ±φ.
     Symmetrising is exact for any flow, so a false positive only costs speed.
     """
@@ -169,29 +263,4 @@ def needs_symmetrisation(
     if cfg is not None and cfg.equivariant:
         return False
     frac, err = sign_balance(flow, action, n, generator=generator)
-    return abs(frac - 0.5) > threshold * err
-
-
-def plot_action_vs_effective(samples: dict, path: str, title: str = "") -> None:
-    """The seed's diagnostic: S against S_eff = -log q (a slope-1 line when q ∝ e^{-S})."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s_eff = -samples["log_q"]
-    s = samples["action"]
-    ok = np.isfinite(s_eff) & np.isfinite(s)
-    s_eff, s = s_eff[ok], s[ok]
-    b = float(np.mean(s) - np.mean(s_eff))
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
-    ax.hist2d(s_eff, s, bins=50, cmap="viridis")
-    xs = np.linspace(s_eff.min(), s_eff.max(), 4)
-    ax.plot(xs, xs + b, ":", color="w", label=f"slope 1, offset {b:.3f}")
-    ax.set_xlabel(r"$S_{\mathrm{eff}} = -\log q(\phi)$")
-    ax.set_ylabel(r"$S(\phi)$")
-    ax.set_title(title or "action vs effective action")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return sign_balance_rule(frac, err, threshold=threshold).imbalanced

@@ -45,7 +45,9 @@ __all__ = [
     "chi_connected_from_means",
     "binder_from_means",
     "xi2_from_G",
+    "xi2_from_momenta",
     "effective_mass",
+    "effective_mass_from_slices",
     "CoshFit",
     "fit_cosh",
     "pole_mass",
@@ -323,7 +325,41 @@ def xi2_from_G(
     gt = momentum_two_point(g)
     zero = (0,) * d
     gp = np.mean([gt[tuple(1 if b == a else 0 for b in range(d))] for a in axes])
-    xi_sq = (gt[zero] / gp - 1.0) / (4.0 * math.sin(math.pi / length) ** 2)
+    return xi2_from_momenta(gt[zero], gp, length, squared=squared)
+
+
+def xi2_from_momenta(G0: float, G1: float, length: int, squared: bool = False) -> float:
+    r"""Second-moment correlation length from :math:`\tilde G(0)` and :math:`\tilde G(p_{\min})`.
+
+    .. math:: \xi_2^2 = \frac{\tilde G(0)/\tilde G(p_{\min}) - 1}{4\sin^2(\pi/L)}
+
+    The formula of :func:`xi2_from_G`, which calls it; as a function of two means it is what
+    the error analysis propagates (the Gamma method on the per-configuration
+    :math:`\tilde G(0)` and :math:`\tilde G(p_{\min})` series).
+
+    Args:
+        G0: :math:`\tilde G(0) = \chi_2` (mean).
+        G1: :math:`\tilde G(p_{\min})`, :math:`p_{\min} = 2\pi/L` (mean, averaged over axes).
+        length: the extent :math:`L` of those axes (>= 2).
+        squared: return :math:`\xi_2^2` instead of :math:`\xi_2`.
+
+    Returns:
+        :math:`\xi_2` (NaN if :math:`\xi_2^2 < 0` or :math:`\tilde G(p_{\min}) = 0`), or
+        :math:`\xi_2^2` if ``squared``.
+
+    Raises:
+        ValueError: if ``length < 2``.
+
+    Example:
+        >>> round(xi2_from_momenta(2.0, 1.0, 4), 6)  # (2 - 1) / (4 sin^2(pi/4)) = 1/2
+        0.707107
+    """
+    if int(length) != length or length < 2:
+        raise ValueError(f"Expected a lattice extent length >= 2; got {length!r}")
+    G0, G1 = float(G0), float(G1)
+    if G1 == 0.0:
+        return float("nan")
+    xi_sq = (G0 / G1 - 1.0) / (4.0 * math.sin(math.pi / int(length)) ** 2)
     if squared:
         return float(xi_sq)
     return float(math.sqrt(xi_sq)) if xi_sq >= 0 else float("nan")
@@ -350,11 +386,38 @@ def effective_mass(C_mean: ArrayLike) -> np.ndarray:
         ``(L,)`` array indexed by ``t``; entry 0 and entries whose ratio is < 1 are NaN.
     """
     c = _check_correlator(C_mean, "C_mean")
-    ratio = (np.roll(c, 1) + np.roll(c, -1)) / (2.0 * c)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.arccosh(np.where(ratio >= 1.0, ratio, np.nan))
+    out = np.asarray(effective_mass_from_slices(np.roll(c, 1), c, np.roll(c, -1)), dtype=float)
     out[0] = np.nan
     return out
+
+
+def effective_mass_from_slices(
+    C_prev: ArrayLike | float, C_t: ArrayLike | float, C_next: ArrayLike | float
+) -> np.ndarray | float:
+    r"""Cosh effective mass :math:`\mathrm{arccosh}\frac{C(t-1)+C(t+1)}{2C(t)}` from three slices.
+
+    The formula of :func:`effective_mass`, which calls it; as a function of three means it is
+    what the error analysis propagates for each :math:`t`.
+
+    Args:
+        C_prev: :math:`C(t-1)` (a number or an array).
+        C_t: :math:`C(t)`.
+        C_next: :math:`C(t+1)`.
+
+    Returns:
+        The effective mass (same shape as the inputs; a float for scalar inputs), NaN where the
+        ratio is < 1 or undefined.
+
+    Example:
+        >>> m = 0.3
+        >>> round(float(effective_mass_from_slices(math.cosh(m), 1.0, math.cosh(m))), 12)
+        0.3
+    """
+    a, b, c = (np.asarray(x, dtype=np.float64) for x in (C_prev, C_t, C_next))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = (a + c) / (2.0 * b)
+        out = np.arccosh(np.where(ratio >= 1.0, ratio, np.nan))
+    return float(out) if out.ndim == 0 else out
 
 
 class CoshFit(NamedTuple):

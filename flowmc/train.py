@@ -34,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from flowmc.action import Phi4Action
 from flowmc.autocorr import kish_ess
@@ -44,7 +45,6 @@ __all__ = [
     "Trainer",
     "GradientInfo",
     "reverse_kl_loss",
-    "kish_ess_from_log_weights",
     "step_seed",
     "step_generator",
 ]
@@ -97,12 +97,6 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def kish_ess_from_log_weights(log_w: Tensor) -> float:
-    r"""Reweighting ESS :math:`(\sum w)^2 / (N\sum w^2)` of a batch (see :func:`kish_ess`)."""
-    lw = log_w.detach().double().cpu().numpy()
-    return kish_ess(np.where(np.isfinite(lw), lw, -np.inf))
 
 
 def _proposal(flow: Flow, symmetric: bool) -> Flow | Z2SymmetricFlow:
@@ -363,7 +357,7 @@ class Trainer:
             "loss": float((info.log_q - info.log_p).mean()),
             "log_p": float(info.log_p.mean()),
             "log_q": float(info.log_q.mean()),
-            "ess": kish_ess_from_log_weights(info.log_p - info.log_q),
+            "ess": kish_ess(info.log_p - info.log_q, nonfinite="zero"),
             "lr": lr,
             "time": self.elapsed,
         }
@@ -381,15 +375,37 @@ class Trainer:
     ) -> dict[str, list[float]]:
         """Run until ``n_steps`` (default ``config.n_steps``) total steps have been taken."""
         target = self.config.n_steps if n_steps is None else n_steps
-        bar = _Progress(target, enabled=progress, start=self.step_count)
+        bar = tqdm(
+            total=max(target, self.step_count),
+            initial=self.step_count,
+            disable=not progress or self.step_count >= target,
+            desc="train",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
         self.flow.train()
-        while self.step_count < target:
-            metrics = self.step()
-            bar.update(self.step_count, metrics, self.history)
-            if callback is not None and callback_every and self.step_count % callback_every == 0:
-                callback(self)
-        bar.close()
+        try:
+            while self.step_count < target:
+                self.step()
+                bar.update(1)
+                if not bar.disable:
+                    bar.set_postfix_str(self._progress_text(), refresh=False)
+                due = callback_every and self.step_count % callback_every == 0
+                if callback is not None and due:
+                    callback(self)
+        finally:
+            bar.close()
         return self.history
+
+    def _progress_text(self, window: int = 50) -> str:
+        """Moving averages of the last ``window`` steps for the progress bar."""
+        ess = self.history["ess"][-window:]
+        loss = self.history["loss"][-window:]
+        ess_avg = sum(ess) / len(ess) if ess else float("nan")
+        loss_avg = sum(loss) / len(loss) if loss else float("nan")
+        return f"loss(F_q) {loss_avg:.4f} ess {ess_avg:.3f}"
 
     # --- checkpointable state --------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -423,40 +439,3 @@ class Trainer:
             self.seed = int(state["seed"])
         elif self.generator is not None and state.get("generator") is not None:
             self.generator.set_state(state["generator"])
-
-
-class _Progress:
-    """A dependency-free one-line progress bar on stderr."""
-
-    def __init__(self, total: int, *, enabled: bool, start: int = 0) -> None:
-        self.total = max(total, 1)
-        self.enabled = enabled and total > start
-        self.t0 = time.perf_counter()
-        self.start = start
-        self.last = 0.0
-
-    def update(self, step: int, metrics: dict, history: dict) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if now - self.last < 0.5 and step < self.total:
-            return
-        self.last = now
-        ess = history["ess"][-50:]
-        loss = history["loss"][-50:]
-        ess_avg = sum(ess) / len(ess) if ess else float("nan")
-        loss_avg = sum(loss) / len(loss) if loss else float("nan")
-        frac = step / self.total
-        bar = "#" * int(25 * frac) + "-" * (25 - int(25 * frac))
-        rate = (step - self.start) / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / max(rate, 1e-9)
-        sys.stderr.write(
-            f"\r[{bar}] {step}/{self.total} loss(F_q) {loss_avg:9.4f} ess {ess_avg:5.3f} "
-            f"{rate:6.1f} it/s eta {eta:5.0f}s"
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()

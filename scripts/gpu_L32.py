@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     flow = res.flow
     ev = evaluate_flow(res.proposal, action, args.n_eval, batch_size=1024,
-                       generator=torch.Generator(device).manual_seed(args.seed + 2))
-    ev.pop("_samples")
+                       generator=torch.Generator(device).manual_seed(args.seed + 2)).to_dict()
     report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "flow_config": flow.config.to_dict(), "stages": history, "train_wall_s": wall,
               "training_time_total_s": res.training_time_total_s, "symmetric": res.symmetric,

@@ -40,7 +40,7 @@ FULL_KEYS = {
     "has_configs", "S", *SCALAR_KEYS, "G_x", "C_t", "m_eff", "pole_mass", "acceptance",
     "acceptance_per_chain", "longest_rejection_run", "longest_rejection_run_per_chain",
     "frac_m_positive", "m_over_error", "mode_crossings", "z2_symmetric_action", "warnings",
-    "notes",
+    "notes", "acceptance_by_kernel",
 }  # fmt: skip
 
 
@@ -160,11 +160,14 @@ def test_iid_tau_int_and_entries(free_res: dict) -> None:
 
 
 def test_json_keys_stable(free_path: Path, free_res: dict, tmp_path: Path) -> None:
-    from flowmc.commands._common import write_json
+    from flowmc.report import write_json
 
-    write_json(tmp_path / "r.json", free_res)
+    write_json(tmp_path / "r.json", free_res, "analysis")
     data = json.loads((tmp_path / "r.json").read_text())
+    assert data.pop("flowmc_report") == "analysis"  # the report marker (flowmc.safeio)
     assert set(data) == FULL_KEYS
+    assert data == json.loads(json.dumps(free_res.to_dict()).replace("NaN", "null"))
+    assert data["acceptance_by_kernel"] == {"flow": 1.0}
     assert np.shape(data["G_x"]["value"]) == L and np.shape(data["G_x"]["error"]) == L
     assert len(data["C_t"]["value"]) == L[0] and len(data["m_eff"]["error"]) == L[0]
     assert data["m_eff"]["value"][0] is None  # undefined at t = 0, null in JSON (not NaN)
@@ -302,3 +305,81 @@ def test_arviz_ess_agrees_on_iid(free_path: Path, free_res: dict) -> None:
         ours = free_res[key]["ess"]
         theirs = arviz_ess(idata.posterior[key].values, method="mean")
         assert abs(ours / theirs - 1) < 0.2, (key, ours, theirs)
+
+
+# ----------------------------------------------------------------------------- typed result, stages
+def test_typed_result_and_stages(free_path: Path, free_res) -> None:
+    """analyze returns an AnalysisResult whose typed fields equal its JSON form, and the three
+    stages run separately give the same numbers; no private keys."""
+    from flowmc.analysis import (
+        AnalysisResult,
+        Correlator,
+        Estimate,
+        diagnose,
+        estimate,
+        measure_ensemble,
+    )
+    from flowmc.ensemble import open_ensemble
+
+    assert isinstance(free_res, AnalysisResult)
+    assert list(free_res.observables) == list(SCALAR_KEYS)
+    for key, e in free_res.observables.items():
+        assert isinstance(e, Estimate) and e._fields == ENTRY_KEYS
+        assert free_res[key] == e.to_dict()
+    assert isinstance(free_res.G_x, Correlator) and free_res.G_x.value.shape == L
+    assert free_res.diagnostics.frac_m_positive.to_dict() == free_res["frac_m_positive"]
+    assert free_res.gamma["m2"].rho.ndim == 1 and free_res.series["m"].shape == (N, C)
+    assert free_res.scalars["accepted"].shape == (N, C)
+    assert not any(k.startswith("_") for k in free_res.to_dict())
+    with open_ensemble(free_path) as ens:
+        meas = measure_ensemble(ens, chunk=300)
+    est = estimate(meas)
+    diag = diagnose(meas, est)
+    assert est.observables == free_res.observables
+    assert diag.acceptance == free_res["acceptance"]
+    assert diag.frac_m_positive == free_res.diagnostics.frac_m_positive
+
+
+def test_derived_quantities_are_the_observables_functions(free_res) -> None:
+    """chi2, chi_conn, binder, xi2 and m_eff are the tested functions of flowmc.observables at
+    the means (value = f(means); only the error comes from the Gamma method)."""
+    from flowmc import observables as ob
+
+    s = free_res.series
+    m2, abs_m, m4 = (float(s[k].mean()) for k in ("m2", "abs_m", "m4"))
+    assert free_res["chi2"]["value"] == pytest.approx(ob.chi2_from_means(m2, V), rel=1e-12)
+    assert free_res["chi_conn"]["value"] == pytest.approx(
+        ob.chi_connected_from_means(m2, abs_m, V), rel=1e-12)
+    assert free_res["binder"]["value"] == pytest.approx(ob.binder_from_means(m2, m4), rel=1e-12)
+    # the mean of the per-configuration G~(p) is G~(p) of the mean G: xi2_from_G(<G>)
+    assert free_res["xi2"]["value"] == pytest.approx(ob.xi2_from_G(free_res.G_x.value), rel=1e-9)
+    c = free_res.C_t.value
+    assert free_res["m_eff"]["value"][2] == pytest.approx(float(ob.effective_mass(c)[2]), rel=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1,), (2, 2), (4, 1), (3,)])
+@pytest.mark.parametrize("store_configs", [True, False])
+def test_tiny_lattices_skip_with_notes(tmp_path: Path, shape: tuple[int, ...],
+                                       store_configs: bool) -> None:
+    """Issue 14 item 6: `flowmc hmc --L 1` then `flowmc analyze` died with an IndexError.
+    Observables that need a larger L are skipped with a note; the rest is computed."""
+    phi = _free_fields(200, 2, shape)
+    path = _write(tmp_path / "tiny.h5", phi, action=FREE_ACTION, store_configs=store_configs,
+                  sampler="hmc")  # fmt: skip
+    res = analyze(path)
+    assert {"m", "abs_m", "m2", "chi2", "action_density"} <= set(res.observables)
+    notes = "\n".join(res["notes"])
+    if not store_configs:
+        assert "no configurations" in notes
+        return
+    assert {"energy", "sd_check", "G_x", "C_t"} <= set(res.keys())
+    assert ("xi2" in res) == (shape[0] >= 2)
+    assert ("m_eff" in res) == (shape[0] >= 3)
+    assert "pole_mass" not in res and "pole_mass needs L >= 6" in notes
+    if shape[0] < 2:
+        assert "xi2 needs L >= 2" in notes
+    if shape[0] < 3:
+        assert "m_eff needs L >= 3" in notes
+    assert np.shape(res["G_x"]["value"]) == shape
+    json.dumps(res.to_dict())  # JSON-serialisable
+    assert main(["analyze", str(path)]) == 0

@@ -115,21 +115,21 @@ def _join(procs: list, timeout: float) -> list[int | None]:
 
 
 def _main_worker(rank: int, world: int, ports: list[int], tmp: Path) -> None:
-    import flowmc.commands.train as train_cmd
+    import flowmc.report as train_cmd  # the training curve is written by flowmc.report
     import flowmc.workflow as workflow
     from flowmc import distributed
 
     probe: dict = {}
     # 1. `flowmc train` as under torchrun: the CLI joins the group from the environment
     calls: list[str] = []
-    save, plot = workflow.save_checkpoint, train_cmd.plot_history
+    save, plot = workflow.save_checkpoint, train_cmd.plot_training_history
     workflow.save_checkpoint = lambda *a, **k: (calls.append("checkpoint"), save(*a, **k))
-    train_cmd.plot_history = lambda *a, **k: (calls.append("plot"), plot(*a, **k))
+    train_cmd.plot_training_history = lambda *a, **k: (calls.append("plot"), plot(*a, **k))
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         probe["cli_rc"] = main(["train", *CLI_ARGS, "--steps", "6", "--checkpoint-every", "3",
                                 "--out", str(tmp / "ddp.pt")])  # fmt: skip
-    workflow.save_checkpoint, train_cmd.plot_history = save, plot
+    workflow.save_checkpoint, train_cmd.plot_training_history = save, plot
     probe.update(calls=calls, stdout=out.getvalue(), stderr=err.getvalue())
 
     # 2. the library under a group the caller opened (a second port: the first is released)
@@ -273,7 +273,7 @@ def test_two_ranks_cli_rank0_alone_writes(ddp_run):
     ck = load_checkpoint(tmp / "ddp.pt")
     assert ck["trainer_state"]["step"] == 6 and ck["meta"]["world_size"] == 2
     assert ck["meta"]["backend"] == "gloo" and ck["trainer_state"]["seed"] == 3
-    assert sorted(f.name for f in tmp.glob("ddp*")) == ["ddp.png", "ddp.pt"]
+    assert sorted(f.name for f in tmp.glob("ddp*")) == ["ddp.pt", "ddp.train.png"]
 
 
 def test_two_ranks_resume_same_and_different_number_of_ranks(ddp_run):

@@ -192,6 +192,32 @@ def test_ensemble_functions_exact() -> None:
     assert ob.chi2_from_means(sigma2, vol) == pytest.approx(vol * sigma2, abs=1e-12)
 
 
+@pytest.mark.parametrize("m2", MASSES2)
+def test_scalar_forms_of_xi2_and_meff(m2: float) -> None:
+    """xi2_from_momenta / effective_mass_from_slices (what the analysis propagates errors
+    through) are exact on the free theory and agree with the array-level functions."""
+    shape = (8, 8)
+    g = FreeTheory(m2, shape).propagator()
+    gt = ob.momentum_two_point(g)
+    g1 = np.mean([gt[1, 0], gt[0, 1]])
+    assert abs(ob.xi2_from_momenta(gt[0, 0], g1, 8) - 1 / math.sqrt(m2)) < 1e-12
+    assert ob.xi2_from_momenta(gt[0, 0], g1, 8, squared=True) == pytest.approx(1 / m2, abs=1e-12)
+    assert ob.xi2_from_momenta(gt[0, 0], g1, 8) == ob.xi2_from_G(g)
+    assert math.isnan(ob.xi2_from_momenta(1.0, 2.0, 8))  # xi^2 < 0
+    assert math.isnan(ob.xi2_from_momenta(1.0, 0.0, 8))
+    with pytest.raises(ValueError, match="length >= 2"):
+        ob.xi2_from_momenta(1.0, 1.0, 1)
+    c = ob.zero_momentum_from_two_point(g)
+    m_e = 2 * math.asinh(math.sqrt(m2) / 2)
+    for t in range(1, 8):
+        v = ob.effective_mass_from_slices(c[t - 1], c[t], c[(t + 1) % 8])
+        assert isinstance(v, float) and abs(v - m_e) < 1e-10
+    np.testing.assert_array_equal(  # t = 1..6 from arrays equals effective_mass
+        ob.effective_mass_from_slices(c[:-2], c[1:-1], c[2:]), ob.effective_mass(c)[1:7]
+    )
+    assert math.isnan(ob.effective_mass_from_slices(0.1, 1.0, 0.1))  # ratio < 1
+
+
 def _direct_two_point(phi: np.ndarray) -> np.ndarray:
     shape = phi.shape[1:]
     out = np.zeros_like(phi)

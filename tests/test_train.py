@@ -91,7 +91,7 @@ def test_cli_train_resume_eval_and_config(tmp_path, capsys):
     assert ck["trainer_state"]["step"] == 20  # the flag overrides the file
     assert ck["flow_config"]["n_layers"] == 2 and ck["resolved_config"]["L"] == 4
     assert ck["action"] == {"name": "phi4", "m2": -4.0, "lam": 8.0, "lattice_shape": [4, 4]}
-    assert (tmp_path / "m.png").exists()
+    assert (tmp_path / "m.train.png").exists()  # default curve: OUT.train.png
     assert isinstance(ck["symmetric"], bool)  # decided by the sign-balance check
     assert main(["train", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
     assert "--force" in capsys.readouterr().err

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from flowmc.action import Phi4Action
@@ -89,32 +86,10 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def _clean(obj):  # noqa: ANN001, ANN202
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items() if not str(k).startswith("_")}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+def write_json(path: str | Path, obj: dict, kind: str = "summary") -> Path:
+    """Write a JSON report through :func:`flowmc.report.write_json` (kind ``summary`` by default:
+    the run summaries of ``flowmc sample``/``flowmc hmc``); it never replaces an ensemble, a
+    checkpoint or a file flowmc did not write. Prefer calling :mod:`flowmc.report` directly."""
+    from flowmc.report import write_json as _write_json
 
-
-def write_json(path: str | Path, obj: dict) -> None:
-    """Write ``obj`` as JSON (NaN/inf become null; keys starting with '_' are dropped)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(obj), indent=2) + "\n")
-
-
-def fmt(value: float, err: float | None = None) -> str:
-    """``value ± err`` with the error to 2 significant digits."""
-    if err is None or not math.isfinite(err) or err <= 0:
-        return f"{value:.6g}"
-    digits = max(0, 1 - int(math.floor(math.log10(err))))
-    return f"{value:.{digits}f} ± {err:.{digits}f}"
+    return _write_json(path, obj, kind)

@@ -1,32 +1,34 @@
-"""``flowmc compare``: two ensembles side by side, with the cost per independent sample."""
+"""``flowmc compare``: two or more ensembles side by side, with the cost per independent sample."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from flowmc.commands._common import write_json
-from flowmc.compare import compare, format_table, plot_costs
+from flowmc import report
+from flowmc.compare import compare
 from flowmc.config import add_common_options, apply_threads
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
-        help="compare two ensembles (e.g. flow MH vs HMC): values, tau_int, cost",
-        description="Analyse two ensembles and print every observable side by side (value ± "
-        "error, difference in sigma), tau_int, acceptance, the wall-clock cost per "
-        "configuration and per independent sample (2 tau_int x cost per config), and for a "
-        "flow ensemble its training cost amortised over the samples drawn (docs/hmc.md).",
+        help="compare ensembles (e.g. flow MH, HMC, hybrid): values, z-scores, tau_int, cost",
+        description="Analyse two or more ensembles and print every observable side by side "
+        "(value ± error, z-score against the first ensemble; pairwise z-scores in --json), "
+        "tau_int, the acceptance of each kernel, the wall-clock cost per configuration and per "
+        "independent sample (2 tau_int x cost per config, sampling only), and for ensembles "
+        "that use a flow the training time recorded at sampling (or --train-time) amortised "
+        "over the samples drawn (docs/hmc.md). No file named inside an ensemble is opened.",
     )
     add_common_options(p)
-    p.add_argument("a", type=Path, help="first ensemble (.h5), e.g. flow MH")
-    p.add_argument("b", type=Path, help="second ensemble (.h5), e.g. HMC")
+    p.add_argument("ensembles", type=Path, nargs="+", metavar="ENSEMBLE",
+                   help="two or more ensembles (.h5); the first is the reference")
     p.add_argument("--discard", type=int, default=0,
                    help="rows per chain discarded by the analysis (default 0)")
     p.add_argument("--train-time", type=float, default=None,
-                   help="training seconds of the flow (default: the checkpoint's "
-                   "meta['training_time_s'] if the checkpoint is found)")
+                   help="training seconds of every flow/hybrid ensemble (default: the "
+                   "meta['model']['training_time_s'] recorded at sampling, else unknown)")
     p.add_argument("--json", type=Path, default=None, help="write the comparison as JSON")
     p.add_argument("--plots", type=Path, default=None,
                    help="directory for cost_per_independent.png")
@@ -35,14 +37,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
+    if len(args.ensembles) < 2:
+        raise ValueError(f"Expected at least two ensembles to compare; got {len(args.ensembles)}")
     if args.train_time is not None and not args.train_time >= 0:
         raise ValueError(f"Expected --train-time >= 0; got {args.train_time}")
-    result = compare(args.a, args.b, discard=args.discard, train_time=args.train_time)
-    print(format_table(result))
+    inputs = list(args.ensembles)
+    plot = args.plots / report.COMPARE_PLOT[0] if args.plots else None
+    report.check_outputs(
+        [(args.json, "json", "compare"), (plot, "png", report.COMPARE_PLOT[1])], inputs=inputs
+    )
+    result = compare(*args.ensembles, discard=args.discard, train_time=args.train_time)
+    print(report.compare_table(result))
     if args.json:
-        write_json(args.json, result)
+        report.write_json(args.json, result, "compare", inputs=inputs)
         print(f"JSON: {args.json}")
-    if args.plots:
-        path = plot_costs(result, Path(args.plots) / "cost_per_independent.png")
-        print(f"plot: {path}")
+    if plot is not None:
+        print(f"plot: {report.plot_compare(result, plot, inputs=inputs)}")
     return 0

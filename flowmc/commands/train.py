@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flowmc import report
 from flowmc.action import Phi4Action
 from flowmc.checkpoint import load_checkpoint
 from flowmc.commands._common import action_from_args, add_action_options
@@ -61,7 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "from its lattice: transfer L -> 2L); --m2/--lam default to its action's")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-    p.add_argument("--plot", type=Path, default=None, help="training-curve PNG (default: OUT.png)")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="training-curve PNG (default: OUT with suffix .train.png, e.g. "
+                   "model.pt -> model.train.png); replaces only an earlier training curve")
     p.add_argument("--dist-timeout", type=float, default=600.0,
                    help="under torchrun: seconds a rank waits for the others before failing")
     p.set_defaults(func=run)
@@ -76,37 +79,6 @@ def _parse_hidden(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(h) for h in str(text).split(",") if h.strip())
     except ValueError:
         raise ValueError(f"Expected --hidden as comma-separated integers; got {text!r}") from None
-
-
-def plot_history(history: dict, path: Path, title: str = "") -> None:
-    """Training curve: ESS and loss (F_q) against step, moving averages, as in the seed notebook."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    def smooth(x: list[float], w: int = 25) -> np.ndarray:
-        x = np.asarray(x, dtype=float)
-        return np.convolve(x, np.ones(w) / w, "valid") if len(x) > w else x
-
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=120)
-    ess = smooth(history["ess"])
-    ax.plot(np.arange(len(ess)), ess, color="C0", label="ESS (batch)")
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("ESS", color="C0")
-    ax2 = ax.twinx()
-    loss = smooth(history["loss"])
-    ax2.plot(np.arange(len(loss)), loss, color="C1", label="F_q")
-    ax2.set_ylabel(r"loss $F_q = \langle \log q + S\rangle$", color="C1")
-    lo = np.percentile(loss, 5) if len(loss) else 0
-    hi = np.percentile(loss, 60) if len(loss) else 1
-    ax2.set_ylim(lo - 0.1 * abs(hi - lo) - 1e-3, hi + 0.5 * abs(hi - lo) + 1e-3)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 #: architecture flags (dest -> flag), which --init-from excludes
@@ -138,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out is required (checkpoint path to write)")
     if args.resume and args.init_from is not None:
         raise ValueError("give either --resume or --init-from, not both")
+    # the training curve may replace only an earlier training curve, never the checkpoint or
+    # the --init-from ancestor; checked before training starts
+    plot_path = Path(args.plot) if args.plot else report.default_train_plot_path(args.out)
+    report.check_outputs([(plot_path, "png", "train-history")],
+                         inputs=[args.out, args.init_from])
     given = [flag for dest, flag in _ARCH_FLAGS.items() if getattr(args, dest) is not None]
     if args.init_from is not None and given:
         raise ValueError(f"the architecture comes from --init-from; drop {', '.join(given)}")
@@ -184,9 +161,9 @@ def run(args: argparse.Namespace) -> int:
     trainer, h = res.trainer, res.history
     tail = slice(-100, None)
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    plot_path = args.plot or Path(args.out).with_suffix(".png")
     if h["loss"]:
-        plot_history(h, Path(plot_path), title=f"{res.action!r}")
+        report.plot_training_history(h, plot_path, title=f"{res.action!r}",
+                                     inputs=[args.out, args.init_from])
     lines = [
         f"trained {trainer.step_count} steps in {res.wall_time_s:.1f} s "
         f"(training time {trainer.elapsed:.1f} s)",

@@ -1,0 +1,630 @@
+r"""Reports: the text tables, JSON files and PNG plots of every flowmc command, in one place.
+
+The numerical core (:mod:`flowmc.analysis`, :mod:`flowmc.compare`, :mod:`flowmc.evaluate`,
+:mod:`flowmc.train`, ...) returns results; this module turns them into text (``*_table``),
+JSON (:func:`write_json`) and figures (``plot_*``). It is the only flowmc module that imports
+matplotlib, and it uses :class:`matplotlib.figure.Figure` directly (no pyplot, no global
+backend switch, safe in notebooks).
+
+Every file goes through :mod:`flowmc.safeio`: a report replaces only an earlier report of its
+own **kind** (JSON reports carry ``"flowmc_report": "<kind>"``, PNG plots the text chunk
+``Software: flowmc <kind>``), never an ensemble, a checkpoint, an input of the command or a
+foreign file, and it is written atomically. The kinds:
+
+========================  ================================================================
+JSON kind                 written by
+========================  ================================================================
+``analysis``              ``flowmc analyze --json``
+``compare``               ``flowmc compare --json``
+``eval``                  ``flowmc eval --json``
+``summary``               ``flowmc sample|hmc --json`` (the run summary)
+========================  ================================================================
+
+========================  ================================================================
+PNG kind                  file
+========================  ================================================================
+``analysis-history``      ``analyze --plots DIR``: ``history.png``
+``analysis-hist-m``       ``hist_m.png``
+``analysis-correlators``  ``correlators.png``
+``analysis-autocorr``     ``autocorr.png``
+``action-vs-effective``   ``action_vs_effective.png`` (analyze) and ``eval --plot``
+``compare``               ``compare --plots DIR``: ``cost_per_independent.png``
+``train-history``         ``flowmc train`` (``--plot``, default ``<out>.train.png``)
+========================  ================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowmc.analysis import SCALAR_KEYS
+from flowmc.safeio import PNG_SOFTWARE_PREFIX, REPORT_KEY, check_output, write_atomic
+
+__all__ = [
+    "fmt",
+    "to_jsonable",
+    "write_json",
+    "save_figure",
+    "check_outputs",
+    "analysis_table",
+    "ANALYSIS_PLOTS",
+    "analysis_plots",
+    "plot_action_vs_effective",
+    "compare_table",
+    "COMPARE_PLOT",
+    "plot_compare",
+    "eval_table",
+    "plot_training_history",
+    "default_train_plot_path",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+# ============================================================================ formatting, files
+def fmt(value: float | None, err: float | None = None) -> str:
+    """``value ± err`` with the error to 2 significant digits (``-`` for ``None``).
+
+    Example:
+        >>> fmt(0.73127, 0.0064)
+        '0.7313 ± 0.0064'
+    """
+    if value is None:
+        return "-"
+    if err is None or not math.isfinite(err) or err <= 0:
+        return f"{value:.6g}"
+    digits = max(0, 1 - int(math.floor(math.log10(err))))
+    return f"{value:.{digits}f} ± {err:.{digits}f}"
+
+
+def to_jsonable(obj: Any) -> Any:
+    """JSON types only: NaN/inf -> ``None``, numpy -> Python, objects with ``to_dict()`` and
+    NamedTuples -> dicts, paths -> strings; keys starting with ``_`` are dropped."""
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return to_jsonable(obj.to_dict())
+    if isinstance(obj, tuple) and hasattr(obj, "_asdict"):
+        return to_jsonable(obj._asdict())
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def write_json(
+    path: PathLike, obj: Any, kind: str = "summary", *, inputs: Iterable[PathLike] = ()
+) -> Path:
+    """Write a JSON report atomically, marked ``{"flowmc_report": kind, ...}``.
+
+    Args:
+        path: destination; may replace only an earlier JSON report of the same ``kind``.
+        obj: a dict, or a result with ``to_dict()`` (see :func:`to_jsonable`).
+        kind: the report kind (see the module docstring).
+        inputs: files the command reads; the destination must differ from them.
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileExistsError, ValueError: if the destination may not be replaced (one line naming
+            it and what it is).
+    """
+    data = to_jsonable(obj)
+    if not isinstance(data, dict):
+        raise ValueError(f"Expected a dict-like report; got {type(obj).__name__}")
+    data = {REPORT_KEY: kind, **{k: v for k, v in data.items() if k != REPORT_KEY}}
+    text = json.dumps(data, indent=2) + "\n"
+    return write_atomic(path, text.encode("utf-8"), fmt="json", kind=kind, inputs=inputs)
+
+
+def save_figure(
+    fig: Any, path: PathLike, kind: str, *, inputs: Iterable[PathLike] = (), dpi: int = 120
+) -> Path:
+    """Save a matplotlib figure as a PNG report of ``kind`` (text chunk
+    ``Software: flowmc <kind>``), atomically; see :func:`write_json` for the rules."""
+
+    def write(tmp: Path) -> None:
+        fig.savefig(
+            tmp, format="png", dpi=dpi, metadata={"Software": f"{PNG_SOFTWARE_PREFIX}{kind}"}
+        )
+
+    return write_atomic(path, write, fmt="png", kind=kind, inputs=inputs)
+
+
+def check_outputs(
+    outputs: Iterable[tuple[PathLike | None, str, str]], *, inputs: Iterable[PathLike] = ()
+) -> None:
+    """Check report destinations before the work starts (fail fast, before a long run).
+
+    Args:
+        outputs: ``(path, fmt, kind)`` triples; ``None`` paths are skipped.
+        inputs: files the command reads or writes otherwise.
+
+    Raises:
+        FileExistsError, ValueError: as :func:`flowmc.safeio.check_output`; also when two
+            outputs share a path.
+    """
+    inputs = [i for i in inputs if i is not None]
+    seen: list[str] = []
+    for path, fmt_, kind in outputs:
+        if path is None:
+            continue
+        check_output(path, fmt=fmt_, kind=kind, inputs=[*inputs, *seen])
+        seen.append(os.fspath(path))
+
+
+def _figure(**kw: Any) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(**kw)
+
+
+# ============================================================================ analysis
+#: Table labels of the scalar observables (JSON key -> printed name).
+ANALYSIS_LABELS = {
+    "m": "<m>",
+    "abs_m": "<|m|>",
+    "m2": "<m^2>",
+    "chi2": "chi2 = V<m^2>",
+    "chi_conn": "chi_conn",
+    "binder": "Binder U4",
+    "energy": "E (Ising)",
+    "xi2": "xi_2 (2nd mom.)",
+    "action_density": "S/V",
+    "sd_check": "SD check (=1)",
+    "exp_minus_delta_h": "<exp(-dH)> (=1)",
+    "frac_m_positive": "frac(m > 0)",
+}
+
+#: Files written by :func:`analysis_plots` and their report kinds.
+ANALYSIS_PLOTS = {
+    "history.png": "analysis-history",
+    "hist_m.png": "analysis-hist-m",
+    "correlators.png": "analysis-correlators",
+    "autocorr.png": "analysis-autocorr",
+    "action_vs_effective.png": "action-vs-effective",
+}
+
+
+def _as_dict(res: Any) -> dict[str, Any]:
+    return res.to_dict() if hasattr(res, "to_dict") else dict(res)
+
+
+def _row(label: str, e: Mapping[str, Any]) -> str:
+    tau = fmt(e["tau_int"], e["tau_int_error"])
+    flag = "" if e.get("reliable", True) else "  (!)"
+    return f"{label:<17} {fmt(e['value'], e['error']):>24} {tau:>18} {e['ess']:>9.0f}{flag}"
+
+
+def analysis_table(res: Any) -> str:
+    """The printed report of an analysis (an :class:`~flowmc.analysis.AnalysisResult` or its
+    JSON form)."""
+    d = _as_dict(res)
+    sampler = d["sampler"].get("name", "?")
+    lines = [
+        f"ensemble   {d['path']}  ({sampler}, L = {tuple(d['lattice_shape'])}, "
+        f"{d['chains']} chains x {d['n']} configs, discard {d['discard']}, S = {d['S']})",
+        f"action     {d['action']}",
+        "",
+        f"{'observable':<17} {'value ± error':>24} {'tau_int ± err':>18} {'ESS':>9}",
+        "-" * 71,
+    ]
+    for key in (*SCALAR_KEYS, "exp_minus_delta_h", "frac_m_positive"):
+        if key in d:
+            lines.append(_row(ANALYSIS_LABELS.get(key, key), d[key]))
+    lines.append("-" * 71)
+    if "pole_mass" in d:
+        pm = d["pole_mass"]
+        lines.append(
+            f"pole mass  {fmt(pm['value'], pm['error'])}  "
+            f"(cosh fit t = {pm['tmin']}..{pm['tmax']}, "
+            f"chi2/dof = {pm['chi2']:.2f}/{pm['dof']}, jackknife error)"
+        )
+    if "m_eff" in d:
+        vals = d["m_eff"]["value"]
+        parts = [
+            f"{t}: {fmt(v, e)}"
+            for t, (v, e) in enumerate(zip(vals, d["m_eff"]["error"]))
+            if v is not None and t <= len(vals) // 2
+        ]
+        lines.append("m_eff(t)   " + ("; ".join(parts) if parts else "undefined"))
+    if "acceptance" in d:
+        lines.append(
+            f"acceptance {d['acceptance']:.4f}   longest rejection run "
+            f"{d['longest_rejection_run']} (per chain {d['longest_rejection_run_per_chain']})"
+        )
+    kernels = d.get("acceptance_by_kernel") or {}
+    if len(kernels) > 1 or (kernels and "acceptance" not in d):
+        lines.append(
+            "kernels    " + ", ".join(f"{k} acceptance {v:.4f}" for k, v in kernels.items())
+        )
+    if "mode_crossings" in d:
+        moe = d["m_over_error"]
+        lines.append(
+            f"Z2         <m>/sigma = {'-' if moe is None else f'{moe:+.2f}'}, sign changes of "
+            f"M per chain {d['mode_crossings']}"
+        )
+    for note in d["notes"]:
+        lines.append(f"note: {note}")
+    for w in d["warnings"]:
+        lines.append(f"WARNING: {w}")
+    if any(not d[k].get("reliable", True) for k in SCALAR_KEYS if k in d):
+        lines.append("(!) = error and tau_int unreliable (series too short), see warnings")
+    return "\n".join(lines)
+
+
+def analysis_plots(res: Any, outdir: PathLike, *, inputs: Iterable[PathLike] = ()) -> list[Path]:
+    """Write the diagnostic PNGs of an :class:`~flowmc.analysis.AnalysisResult` into ``outdir``.
+
+    ``history.png`` (M and S against Monte Carlo time), ``hist_m.png``, ``correlators.png``
+    (G along axis 0, C(t) and m_eff(t)), ``autocorr.png`` (rho(t) with the chosen windows) and,
+    for flow ensembles, ``action_vs_effective.png`` (S against S_eff = -log q). Each file may
+    replace only an earlier plot of its kind (:data:`ANALYSIS_PLOTS`).
+
+    Returns:
+        The paths written.
+    """
+    outdir = Path(outdir)
+    inputs = list(inputs)
+    check_outputs(((outdir / n, "png", k) for n, k in ANALYSIS_PLOTS.items()), inputs=inputs)
+    d = res.to_dict()
+    paths: list[Path] = []
+    vol = res.volume
+    series, scalars = res.series, res.scalars
+    discard = res.discard
+
+    def save(fig: Any, name: str) -> None:
+        paths.append(save_figure(fig, outdir / name, ANALYSIS_PLOTS[name], inputs=inputs, dpi=100))
+
+    m = series.get("m")
+    fig = _figure(figsize=(7, 5), dpi=100, layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    if m is not None:
+        for c in range(m.shape[1]):
+            axes[0].plot(np.arange(discard, discard + m.shape[0]), m[:, c] * vol, lw=0.5,
+                         label=f"chain {c}")  # fmt: skip
+    axes[0].set_ylabel("M")
+    s_hist = scalars.get("action")
+    if s_hist is None and "action_density" in series:
+        s_hist = series["action_density"] * vol
+    if s_hist is not None:
+        s_hist = np.asarray(s_hist, dtype=float)
+        for c in range(s_hist.shape[1]):
+            axes[1].plot(np.arange(discard, discard + s_hist.shape[0]), s_hist[:, c], lw=0.5)
+    axes[1].set_ylabel("S")
+    axes[1].set_xlabel("Monte Carlo time (rows)")
+    if m is not None and m.shape[1] <= 8:
+        axes[0].legend(fontsize=6, loc="upper right")
+    save(fig, "history.png")
+
+    if m is not None:
+        fig = _figure(figsize=(5, 3.5), dpi=100, layout="constrained")
+        ax = fig.subplots()
+        ax.hist(m.ravel(), bins=80, density=True, color="C0", alpha=0.8)
+        ax.axvline(0, color="k", lw=0.5)
+        ax.set_xlabel("m = M/V")
+        ax.set_ylabel("density")
+        save(fig, "hist_m.png")
+
+    if "G_x" in d and "C_t" in d:
+        g, ge = np.asarray(d["G_x"]["value"]), np.asarray(d["G_x"]["error"])
+        idx = (slice(None),) + (0,) * (g.ndim - 1)
+        fig = _figure(figsize=(11, 3.4), dpi=100, layout="constrained")
+        axes = fig.subplots(1, 3)
+        axes[0].errorbar(np.arange(g.shape[0]), g[idx], ge[idx], fmt="o", ms=3, capsize=2)
+        axes[0].set_xlabel("x (along axis 0)")
+        axes[0].set_ylabel("G(x)")
+        c, ce = np.asarray(d["C_t"]["value"]), np.asarray(d["C_t"]["error"])
+        axes[1].errorbar(np.arange(c.size), c, ce, fmt="o", ms=3, capsize=2)
+        axes[1].set_yscale("log" if np.all(c > 0) else "linear")
+        axes[1].set_xlabel("t")
+        axes[1].set_ylabel("C(t)")
+        if "m_eff" in d:
+            mv = np.array([np.nan if v is None else v for v in d["m_eff"]["value"]], float)
+            me = np.array([np.nan if v is None else v for v in d["m_eff"]["error"]], float)
+            axes[2].errorbar(np.arange(mv.size), mv, me, fmt="o", ms=3, capsize=2)
+            if "pole_mass" in d:
+                pm = d["pole_mass"]
+                axes[2].axhspan(pm["value"] - pm["error"], pm["value"] + pm["error"],
+                                color="C1", alpha=0.3, label="cosh fit")  # fmt: skip
+                axes[2].legend(fontsize=7)
+        axes[2].set_xlabel("t")
+        axes[2].set_ylabel(r"$m_{\rm eff}(t)$")
+        save(fig, "correlators.png")
+
+    gam = res.gamma
+    chosen = [k for k in ("m2", "abs_m", "action_density", "energy", "xi2") if k in gam]
+    if chosen:
+        fig = _figure(figsize=(6, 4), dpi=100, layout="constrained")
+        ax = fig.subplots()
+        for i, k in enumerate(chosen):
+            r = gam[k]
+            label = f"{k}: tau_int = {fmt(r.tau_int, r.tau_int_error)}, W = {r.window}"
+            ax.plot(np.arange(r.rho.size), r.rho, "-", color=f"C{i}", label=label)
+            ax.axvline(r.window, color=f"C{i}", ls=":", lw=1)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("t (rows)")
+        ax.set_ylabel(r"$\rho(t)$")
+        ax.set_title("normalised autocorrelation (dotted: window W)")
+        ax.legend(fontsize=7)
+        save(fig, "autocorr.png")
+
+    if "action" in scalars and "log_q" in scalars:
+        path = plot_action_vs_effective(
+            scalars["action"], scalars["log_q"], outdir / "action_vs_effective.png",
+            title="chain states: action vs effective action", inputs=inputs,
+        )  # fmt: skip
+        if path is not None:
+            paths.append(path)
+    return paths
+
+
+def plot_action_vs_effective(
+    action: Any,
+    log_q: Any,
+    path: PathLike,
+    *,
+    title: str = "",
+    inputs: Iterable[PathLike] = (),
+) -> Path | None:
+    """The seed notebook's diagnostic: S against S_eff = -log q, with a slope-1 line.
+
+    For q ∝ e^{-S} the points lie on a line of slope 1 (offset log Z). Used for chain states
+    (``flowmc analyze``) and fresh flow draws (``flowmc eval``).
+
+    Args:
+        action: actions S of the configurations (any shape).
+        log_q: their log proposal densities (same shape).
+        path: the PNG to write (kind ``action-vs-effective``).
+        title: plot title.
+        inputs: files the command reads.
+
+    Returns:
+        The path written, or ``None`` if fewer than 2 finite points.
+    """
+    s = np.asarray(action, dtype=float).ravel()
+    s_eff = -np.asarray(log_q, dtype=float).ravel()
+    ok = np.isfinite(s) & np.isfinite(s_eff)
+    if np.count_nonzero(ok) < 2:
+        return None
+    s, s_eff = s[ok], s_eff[ok]
+    fig = _figure(figsize=(4.5, 4.5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    ax.plot(s_eff, s, ".", ms=1.5, alpha=0.4)
+    b = float(np.mean(s) - np.mean(s_eff))
+    xs = np.linspace(s_eff.min(), s_eff.max(), 4)
+    ax.plot(xs, xs + b, "k:", label=f"slope 1, offset {b:.3f}")
+    ax.set_xlabel(r"$S_{\rm eff} = -\log q(\phi)$")
+    ax.set_ylabel(r"$S(\phi)$")
+    ax.set_title(title or "action vs effective action")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path, "action-vs-effective", inputs=inputs)
+
+
+# ============================================================================ compare
+#: The file written by ``flowmc compare --plots DIR`` and its report kind.
+COMPARE_PLOT = ("cost_per_independent.png", "compare")
+
+
+def _sec(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _table(head: Sequence[str], rows: list[list[str]], first: int = 15) -> list[str]:
+    widths = [max(first, len(head[0]) + 1)] + [
+        max(len(h) + 2, *(len(r[i]) + 2 for r in rows)) if rows else len(h) + 2
+        for i, h in enumerate(head) if i > 0
+    ]  # fmt: skip
+    line = "".join(h.ljust(widths[0]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(head))
+    out = [line, "-" * len(line)]
+    for r in rows:
+        out.append(r[0].ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(r[1:], widths[1:])))
+    return out
+
+
+def compare_table(result: Mapping[str, Any]) -> str:
+    """A comparison (:func:`flowmc.compare.compare`) as plain text: values with z-scores against
+    the reference, then τ_int and costs, then one line per ensemble."""
+    labels = list(result["labels"])
+    ref = result.get("reference", labels[0])
+    others = [lab for lab in labels if lab != ref]
+    obs = result["observables"]
+    head = ["observable", *labels, *(f"z {lab}" for lab in others)]
+    rows = []
+    for name, row in obs.items():
+        cells = [name, *(fmt(row[lab]["value"], row[lab]["error"]) for lab in labels)]
+        for lab in others:
+            z = row[lab].get("z_vs_reference")
+            cells.append("-" if z is None else f"{z:+.2f}")
+        rows.append(cells)
+    lines = [f"values; z = (x - x_ref) / sqrt(σ² + σ_ref²) against the reference {ref}", ""]
+    lines += _table(head, rows)
+    head2 = ["observable", *(f"τ_int {lab}" for lab in labels),
+             *(f"s/indep {lab}" for lab in labels)]  # fmt: skip
+    rows2 = []
+    for name, row in obs.items():
+        rows2.append([
+            name,
+            *(fmt(row[lab]["tau_int"], row[lab]["tau_int_error"]) for lab in labels),
+            *(_sec(row[lab]["cost_per_independent_s"]) for lab in labels),
+        ])  # fmt: skip
+    lines += ["", "autocorrelation and cost per independent sample (2 τ_int × s/config, "
+              "sampling only)", ""]  # fmt: skip
+    lines += _table(head2, rows2)
+    lines.append("")
+    for lab in labels:
+        e = result["ensembles"][lab]
+        acc = e.get("acceptance")
+        kernels = e.get("acceptance_by_kernel") or {}
+        acc_text = (
+            ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in kernels.items())
+            if kernels else ("-" if acc is None else f"{acc:.3f}")
+        )  # fmt: skip
+        text = (
+            f"{lab}: {e['n']} x {e['chains']} configs, acceptance {acc_text}, sampling "
+            f"{e['wall_time_s']:.3g} s, {_sec(e['cost_per_config_s'])} s/config"
+        )
+        if e.get("warmup_time_s"):
+            text += f", warm-up {e['warmup_time_s']:.3g} s (not included)"
+        if e["is_flow"]:
+            t = e["train_time_s"]
+            source = {"given": "--train-time", "ensemble": "recorded at sampling"}.get(
+                e.get("train_time_source"), e.get("train_time_source"))  # fmt: skip
+            text += (
+                ", training time unknown" if t is None else
+                f", training {t:.3g} s ({source}) = "
+                f"{e['train_cost_per_config_s']:.3g} s/config amortised"
+            )  # fmt: skip
+        lines.append(text)
+    for name in ("chi2", "abs_m", "energy"):
+        row = obs.get(name, {})
+        for lab in labels:
+            for other, val in (row.get(lab, {}).get("break_even_independent") or {}).items():
+                if val is not None:
+                    lines.append(
+                        f"{lab} incl. training is cheaper than {other} beyond {val:.3g} "
+                        f"independent {name} samples"
+                    )
+    for w in result["warnings"]:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def plot_compare(
+    result: Mapping[str, Any], path: PathLike, *, inputs: Iterable[PathLike] = ()
+) -> Path:
+    """Two panels: the cost per independent sample of each observable and ensemble (log
+    scale; hatched: with amortised training) and each observable's z-score against the
+    reference ensemble (band: |z| < 2).
+
+    Returns:
+        The path written (kind ``compare``).
+    """
+    labels = list(result["labels"])
+    ref = result.get("reference", labels[0])
+    obs = result["observables"]
+    names = [n for n, r in obs.items() if any(r[lab]["cost_per_independent_s"] for lab in labels)]
+    series = [(lab, "cost_per_independent_s", None) for lab in labels]
+    for lab in labels:
+        if result["ensembles"][lab]["train_time_s"] is not None:
+            series.append((lab, "cost_per_independent_with_training_s", "//"))
+    fig = _figure(figsize=(max(7.0, 0.9 * len(names) + 3), 6.5), layout="constrained")
+    ax, ax_z = fig.subplots(2, 1, sharex=True)
+    x = np.arange(len(names))
+    width = 0.8 / max(len(series), 1)
+    colors = {lab: f"C{i}" for i, lab in enumerate(labels)}
+    for i, (lab, key, hatch) in enumerate(series):
+        vals = [obs[n][lab][key] or np.nan for n in names]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, color=colors[lab],
+               label=lab + (" + training" if hatch else ""), hatch=hatch,
+               alpha=0.5 if hatch else 1.0)  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_ylabel("wall-clock s per\nindependent sample")
+    ax.set_title("cost per independent sample (2 τ_int × s/config)")
+    ax.legend(fontsize=8)
+    others = [lab for lab in labels if lab != ref]
+    wz = 0.8 / max(len(others), 1)
+    for i, lab in enumerate(others):
+        z = [obs[n][lab].get("z_vs_reference") for n in names]
+        ax_z.bar(x + (i - (len(others) - 1) / 2) * wz, [np.nan if v is None else v for v in z],
+                 wz, color=colors[lab], label=f"{lab} vs {ref}")  # fmt: skip
+    ax_z.axhspan(-2, 2, color="0.85", zorder=0)
+    ax_z.axhline(0, color="k", lw=0.5)
+    ax_z.set_ylabel(f"z vs {ref}")
+    ax_z.set_xticks(x, names, rotation=30, ha="right")
+    if others:
+        ax_z.legend(fontsize=8)
+    return save_figure(fig, path, COMPARE_PLOT[1], inputs=inputs)
+
+
+# ============================================================================ eval
+def eval_table(res: Any) -> str:
+    """The printed report of a flow evaluation (:class:`~flowmc.evaluate.FlowEvaluation`),
+    with the Z2 sign rule's warning when the flow's draws are sign-imbalanced."""
+    d = _as_dict(res)
+    exact = d.get("log_z_exact")
+    lines = [
+        f"model        {d.get('model', '-')}  ({d.get('action', {})}, "
+        f"symmetric={d.get('symmetric')})",
+        f"samples      {d['n']} in batches of {d['batch_size']}"
+        + (f" ({d['seconds']:.2f} s)" if d.get("seconds") is not None else ""),
+        f"ESS (all N)  {d['ess']:.4f}",
+        f"ESS (batch)  {fmt(d['ess_batch_mean'], d['ess_batch_err'])}",
+        f"MH accept    {d['mh_acceptance']:.4f}",
+        f"F_q          {fmt(d['f_q'], d['f_q_err'])}   (bound: F_q >= -log Z)",
+        f"log Z        {fmt(d['log_z'], d['log_z_err'])}"
+        + (f"   exact {exact:.6f}" if exact is not None else ""),
+        f"frac M > 0   {fmt(d['frac_m_positive'], d['frac_m_positive_err'])}",
+    ]
+    if d["n_nonfinite"]:
+        lines.append(f"non-finite   {d['n_nonfinite']} samples had non-finite weights")
+    sb = d.get("sign_balance")
+    if sb is not None and sb["imbalanced"]:
+        lines.append(
+            f"WARNING: the target is Z2 symmetric but the flow's draws are sign-imbalanced: "
+            f"frac(M > 0) = {sb['frac_positive']:.4f}, {sb['z_frac']:.1f} sigma from 1/2. MH "
+            "stays exact, but a flow that (nearly) misses a mode may never visit it in practice: "
+            "sample with the symmetrised proposal (--symmetric), which is exactly even."
+        )
+    return "\n".join(lines)
+
+
+# ============================================================================ training
+def default_train_plot_path(out: PathLike) -> Path:
+    """Default training-curve path of ``flowmc train --out OUT``: ``OUT`` with its suffix
+    replaced by ``.train.png`` (``model.pt`` -> ``model.train.png``), so that it never equals
+    the checkpoint and never takes the name of an unrelated ``model.png``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".train.png")
+
+
+def plot_training_history(
+    history: Mapping[str, Sequence[float]],
+    path: PathLike,
+    *,
+    title: str = "",
+    inputs: Iterable[PathLike] = (),
+) -> Path:
+    """Training curve: batch ESS and the loss F_q against step (moving averages of 25 steps).
+
+    Returns:
+        The path written (kind ``train-history``).
+    """
+
+    def smooth(xs: Sequence[float], w: int = 25) -> np.ndarray:
+        arr = np.asarray(xs, dtype=float)
+        return np.convolve(arr, np.ones(w) / w, "valid") if len(arr) > w else arr
+
+    fig = _figure(figsize=(7, 3.5), dpi=120, layout="constrained")
+    ax = fig.subplots()
+    ess = smooth(history["ess"])
+    ax.plot(np.arange(len(ess)), ess, color="C0", label="ESS (batch)")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("ESS", color="C0")
+    ax2 = ax.twinx()
+    loss = smooth(history["loss"])
+    ax2.plot(np.arange(len(loss)), loss, color="C1", label="F_q")
+    ax2.set_ylabel(r"loss $F_q = \langle \log q + S\rangle$", color="C1")
+    if len(loss):
+        lo, hi = np.percentile(loss, 5), np.percentile(loss, 60)
+        ax2.set_ylim(lo - 0.1 * abs(hi - lo) - 1e-3, hi + 0.5 * abs(hi - lo) + 1e-3)
+    ax.set_title(title)
+    return save_figure(fig, path, "train-history", inputs=inputs)
