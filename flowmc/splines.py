@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowmc.nets import with_context
+
 __all__ = ["rq_spline", "SplineCoupling"]
 
 
@@ -121,7 +123,8 @@ class SplineCoupling(nn.Module):
 
     Args:
         mask: ``(*L)`` tensor of 0/1, 1 = transformed sites.
-        net: conditioner mapping ``(B, 1, *L)`` to ``(B, 3K-1, *L)``.
+        net: conditioner mapping ``(B, 1 + c, *L)`` to ``(B, 3K-1, *L)`` (``c`` context
+            channels of a conditional flow, see :func:`flowmc.nets.with_context`).
         n_bins: number of spline bins :math:`K`.
         bound: half-width :math:`B` of the spline interval.
         equivariant: make the layer :math:`\mathbb{Z}_2` equivariant (see above).
@@ -148,14 +151,15 @@ class SplineCoupling(nn.Module):
         self.bound = float(bound)
         self.equivariant = bool(equivariant)
 
-    def _params(self, frozen: Tensor) -> Tensor:
+    def _params(self, frozen: Tensor, context: Tensor | None) -> Tensor:
         """Spline parameters ``(B, 3K-1, *L)`` from the frozen sites; Z2-symmetrised if asked:
         :math:`\theta(c) = \frac12[\mathrm{net}(c) + R\,\mathrm{net}(-c)]`, with :math:`R` the
         mirror :math:`x\to-x` of a spline (bin widths, heights and knot derivatives reversed),
         so :math:`\theta(-c) = R\theta(c)` and :math:`g_{\theta(-c)}(-x) = -g_{\theta(c)}(x)`."""
         if not self.equivariant:
-            return self.net(frozen.unsqueeze(1))
-        both = self.net(torch.cat([frozen, -frozen], 0).unsqueeze(1))
+            return self.net(with_context(frozen, context))
+        ctx = None if context is None else torch.cat([context, context], 0)
+        both = self.net(with_context(torch.cat([frozen, -frozen], 0), ctx))
         plus, minus = both.chunk(2, 0)
         k = self.n_bins
         mirrored = torch.cat(
@@ -163,10 +167,12 @@ class SplineCoupling(nn.Module):
         )
         return 0.5 * (plus + mirrored)
 
-    def _transform(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _transform(
+        self, x: Tensor, inverse: bool, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         k = self.n_bins
         frozen = x * (1 - self.mask)
-        params = self._params(frozen)  # (B, 3K-1, *L)
+        params = self._params(frozen, context)  # (B, 3K-1, *L)
         bsz = x.shape[0]
         params = params.flatten(2).index_select(2, self.active).transpose(1, 2)  # (B, A, 3K-1)
         flat = x.flatten(1)
@@ -182,8 +188,8 @@ class SplineCoupling(nn.Module):
         out = flat.index_copy(1, self.active, ya)
         return out.view_as(x), ld.reshape(bsz, -1).sum(1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._transform(x, inverse=False)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._transform(x, False, context)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._transform(y, inverse=True)
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._transform(y, True, context)
