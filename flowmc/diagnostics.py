@@ -227,9 +227,9 @@ def acceptance_by_kernel(
     Rules (documented in ``docs/analysis.md``):
 
     * ``accepted`` (or ``is_accepted``) belongs to :func:`kernel_of_sampler`;
-    * ``<kernel>_accepted``: booleans, or per-row counts of accepted moves. Counts larger
-      than 1 are divided by the moves per row, ``sampler[f"{kernel}_traj"]`` (e.g.
-      ``hmc_traj``); without it the kernel is skipped with a note;
+    * ``<kernel>_accepted``: per-row counts of accepted moves, divided by the moves per row
+      ``sampler[f"{kernel}_traj"]`` (e.g. ``hmc_traj``) when the sampler records it, else
+      booleans (counts larger than 1 without it: the kernel is skipped with a note);
     * ``<kernel>_acceptance``: per-row acceptance fractions or probabilities, averaged.
 
     A ``<kernel>_...`` entry overrides ``accepted`` for the same kernel, and
@@ -257,15 +257,16 @@ def acceptance_by_kernel(
             if not np.all(np.isfinite(x)):
                 notes.append(f"scalar {name!r} has non-finite values: {kernel} acceptance skipped")
                 continue
-            if suffix == "_accepted" and x.size and float(x.max()) > 1.0:
-                per_row = sampler.get(f"{kernel}_traj")
-                if not isinstance(per_row, int) or isinstance(per_row, bool) or per_row < 1:
-                    notes.append(
-                        f"scalar {name!r} counts accepted moves per row but the sampler "
-                        f"attribute {kernel + '_traj'!r} (moves per row) is missing: "
-                        f"{kernel} acceptance skipped"
-                    )
-                    continue
+            per_row = sampler.get(f"{kernel}_traj")
+            counted = isinstance(per_row, int) and not isinstance(per_row, bool) and per_row >= 1
+            if suffix == "_accepted" and counted:  # counts of accepted moves out of per_row
                 x = x / per_row
+            elif suffix == "_accepted" and x.size and float(x.max()) > 1.0:
+                notes.append(
+                    f"scalar {name!r} counts accepted moves per row but the sampler "
+                    f"attribute {kernel + '_traj'!r} (moves per row) is missing: "
+                    f"{kernel} acceptance skipped"
+                )
+                continue
             out[kernel] = float(x.mean()) if x.size else float("nan")
     return out, notes

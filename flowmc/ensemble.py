@@ -79,6 +79,7 @@ EXPECT_KEYS = (
     "scalar_names",
     "store_configs",
     "config_dtype",
+    "compression",
 )
 _CONFIG_DTYPES = ("float32", "float64")
 _COMPRESSIONS = (None, "gzip", "lzf")

@@ -250,10 +250,27 @@ class Flow(nn.Module):
         phi, log_det = self(z, lam)
         return phi, self.prior.log_prob(z) - log_det
 
+    def from_noise(
+        self, eps: Tensor, u: Tensor | None = None, lam: float | Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Map given standard-normal noise to fields: ``(phi (B, *L), log_q (B,))``.
+
+        ``sample(n, generator=g)`` equals ``from_noise(torch.randn((n, *L), generator=g))``; the
+        samplers draw ``eps`` from per-chain streams (:mod:`flowmc.rng`) instead.
+
+        Args:
+            eps: ``(B, *L)`` i.i.d. N(0, 1) noise (scaled by the prior's sigma here).
+            u: ignored (accepted so that every proposal has the signature of
+                :meth:`Z2SymmetricFlow.from_noise`).
+        """
+        z = eps * self.prior.sigma
+        phi, log_det = self(z, lam)
+        return phi, self.prior.log_prob(z) - log_det
+
     sample_and_log_prob = sample
 
     def log_prob(self, phi: Tensor, lam: float | Tensor | None = None) -> Tensor:
-        """Exact :math:`\log q(\phi)`, shape ``(B,)``."""
+        """Exact :math:`\\log q(\\phi)`, shape ``(B,)``."""
         check_field(phi, self.lattice_shape)
         z, log_det = self.inverse(phi, lam)
         return self.prior.log_prob(z) + log_det
@@ -290,7 +307,9 @@ class FlowAt(nn.Module):
     def __init__(self, flow: Flow, lam: float) -> None:
         super().__init__()
         if not flow.is_conditional:
-            raise ValueError("Expected a conditional flow (trained over a lam range); this one is not")
+            raise ValueError(
+                "Expected a conditional flow (trained over a lam range); this one is not"
+            )
         lam = float(lam)
         lo, hi = flow.lam_range
         if not lo <= lam <= hi:
@@ -309,6 +328,9 @@ class FlowAt(nn.Module):
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         return self.flow.sample(n, generator=generator, lam=self.lam)
+
+    def from_noise(self, eps: Tensor, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.flow.from_noise(eps, lam=self.lam)
 
     sample_and_log_prob = sample
 
@@ -347,9 +369,23 @@ class Z2SymmetricFlow(nn.Module):
 
     sample_and_log_prob = sample
 
+    def from_noise(
+        self, eps: Tensor, u: Tensor, **lam: float | Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """As :meth:`sample`, from given noise: ``eps (B, *L)`` N(0, 1) for the flow and
+        ``u (B,)`` uniforms in [0, 1) for the sign (flipped where ``u < 1/2``)."""
+        phi, log_q = self.flow.from_noise(eps, **lam)
+        log_q_sym = torch.logaddexp(log_q, _mirror(self.flow.log_prob(-phi, **lam))) - math.log(
+            2.0
+        )
+        sign = torch.where(u < 0.5, -1.0, 1.0).to(phi.dtype)
+        return phi * sign.view(-1, *([1] * len(self.lattice_shape))), log_q_sym
+
     def log_prob(self, phi: Tensor, **lam: float | Tensor) -> Tensor:
         return (
-            torch.logaddexp(self.flow.log_prob(phi, **lam), _mirror(self.flow.log_prob(-phi, **lam)))
+            torch.logaddexp(
+                self.flow.log_prob(phi, **lam), _mirror(self.flow.log_prob(-phi, **lam))
+            )
             - math.log(2.0)
         )
 

@@ -14,8 +14,10 @@ volume-preserving (symplectic) integrator, :func:`leapfrog` or the second-order 
 
 The API follows blackjax (``blackjax/mcmc/hmc.py``): :class:`HMCState` and :class:`HMCInfo` are
 NamedTuples, :func:`init` builds a state, :func:`build_kernel` returns a *pure* kernel
-``step(state, generator) -> (state, info)`` whose only randomness is the passed
-:class:`torch.Generator`, and :func:`hmc` bundles both as a :class:`SamplingAlgorithm`.
+``step(state, generator) -> (state, info)`` whose only randomness is the passed generator (a
+:class:`flowmc.rng.ChainRNG`, one stream per chain, or a plain :class:`torch.Generator`), and
+:func:`hmc` bundles both (plus ``adopt``, the hand-over from another kernel's state, see
+:mod:`flowmc.kernel`) as a :class:`~flowmc.kernel.SamplingAlgorithm`.
 :func:`tune_step_size` adapts the step size by dual averaging during warm-up.
 
 Example:
@@ -44,6 +46,9 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from flowmc.kernel import RNG, SamplingAlgorithm, unchanged_chains
+from flowmc.rng import draw_normal, draw_uniform
+
 __all__ = [
     "OMELYAN_LAMBDA",
     "HMCState",
@@ -56,6 +61,7 @@ __all__ = [
     "init",
     "build_kernel",
     "hmc",
+    "adopt",
     "find_reasonable_step_size",
     "tune_step_size",
 ]
@@ -102,18 +108,6 @@ class HMCInfo(NamedTuple):
     acceptance_rate: Tensor
     delta_h: Tensor
     is_divergent: Tensor
-
-
-class SamplingAlgorithm(NamedTuple):
-    """An ``(init, step)`` pair, as ``blackjax.base.SamplingAlgorithm``.
-
-    Attributes:
-        init: ``init(phi) -> HMCState``.
-        step: ``step(state, generator) -> (HMCState, HMCInfo)``.
-    """
-
-    init: Callable[[Tensor], HMCState]
-    step: Callable[[HMCState, torch.Generator], tuple[HMCState, HMCInfo]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,11 +364,11 @@ def init(phi: Tensor, action: Action) -> HMCState:
     return HMCState(phi, s, g)
 
 
-def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
-    return torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
+def _uniform(shape: tuple[int, ...], like: Tensor, generator: RNG) -> Tensor:
+    return draw_uniform(generator, shape, dtype=like.dtype, device=like.device)
 
 
-def _z2_flip(state: HMCState, action: Action, generator: torch.Generator) -> HMCState:
+def _z2_flip(state: HMCState, action: Action, generator: RNG) -> HMCState:
     r"""Global :math:`\mathbb{Z}_2` move :math:`\phi\to-\phi`, proposed with probability ½.
 
     The proposal "flip with probability ½, else stay" is symmetric (the flip is an involution)
@@ -408,7 +402,7 @@ def build_kernel(
     num_steps: int,
     flip: bool = False,
     divergence_threshold: float = 1000.0,
-) -> Callable[[HMCState, torch.Generator], tuple[HMCState, HMCInfo]]:
+) -> Callable[[HMCState, RNG], tuple[HMCState, HMCInfo]]:
     r"""Build the HMC transition kernel ``step(state, generator) -> (state, info)``.
 
     One transition: draw :math:`\pi\sim N(0,1)` per site and chain, integrate ``num_steps``
@@ -418,7 +412,8 @@ def build_kernel(
     A proposal with non-finite energy is rejected and flagged ``is_divergent``; nothing
     non-finite is ever written into the state. The kernel is pure: it does not modify its
     inputs and draws randomness only from ``generator`` (momenta, then the accept uniforms,
-    then, if ``flip``, two more uniforms per chain).
+    then, if ``flip``, two more uniforms per chain; with a :class:`~flowmc.rng.ChainRNG` each
+    chain draws its own from its own stream).
 
     Args:
         action: the action, ``action(phi) -> (C,)``; ``action.grad`` is used if present.
@@ -440,10 +435,10 @@ def build_kernel(
     integrate = _INTEGRATOR_FNS[_check_integrator(integrator)]
     flip = bool(flip)
 
-    def step(state: HMCState, generator: torch.Generator) -> tuple[HMCState, HMCInfo]:
+    def step(state: HMCState, generator: RNG) -> tuple[HMCState, HMCInfo]:
         phi0, s0, g0 = state
         c = phi0.shape[0]
-        pi0 = torch.randn(phi0.shape, generator=generator, dtype=phi0.dtype, device=phi0.device)
+        pi0 = draw_normal(generator, phi0.shape, dtype=phi0.dtype, device=phi0.device)
         phi1, pi1, g1 = integrate(phi0, pi0, g0, action, step_size, num_steps)
         s1 = action(phi1)
         delta_h = (kinetic_energy(pi1) + s1) - (kinetic_energy(pi0) + s0)
@@ -476,7 +471,11 @@ def hmc(
     integrator: str = "leapfrog",
     flip: bool = False,
 ) -> SamplingAlgorithm:
-    """User-facing HMC: ``SamplingAlgorithm(init, step)`` with the action bound in.
+    """User-facing HMC: ``SamplingAlgorithm(init, step, adopt)`` with the action bound in.
+
+    ``adopt(own, other)`` takes ``phi`` and ``action`` from another kernel's state (e.g. after a
+    flow independence-MH step) and evaluates only the gradient :math:`\\partial S/\\partial\\phi`
+    (analytic), keeping ``own.grad`` for chains whose configuration did not change.
 
     Args:
         action: the action.
@@ -486,8 +485,8 @@ def hmc(
         flip: add the exact global Z2 flip move.
 
     Returns:
-        ``SamplingAlgorithm`` with ``init(phi) -> HMCState`` and
-        ``step(state, generator) -> (HMCState, HMCInfo)``.
+        ``SamplingAlgorithm`` with ``init(phi) -> HMCState``,
+        ``step(state, generator) -> (HMCState, HMCInfo)`` and ``adopt``.
 
     Raises:
         ValueError: for invalid parameters (see :func:`build_kernel`).
@@ -499,7 +498,28 @@ def hmc(
     def init_fn(phi: Tensor) -> HMCState:
         return init(phi, action)
 
-    return SamplingAlgorithm(init_fn, kernel)
+    def adopt_fn(own: HMCState | None, other: object) -> HMCState:
+        return adopt(own, other, action)
+
+    return SamplingAlgorithm(init_fn, kernel, adopt_fn)
+
+
+def adopt(own: HMCState | None, other: object, action: Action) -> HMCState:
+    """The :class:`HMCState` at the position of ``other`` (any state with ``phi`` and ``action``).
+
+    Args:
+        own: this kernel's previous state (its ``grad`` is reused for unchanged chains), or
+            ``None``.
+        other: a state with ``phi (C, *L)`` and ``action (C,)``.
+        action: the action (for the gradient).
+    """
+    same = unchanged_chains(own, other)
+    if bool(same.all()):
+        return HMCState(other.phi, other.action, own.grad)
+    g = _grad(action, other.phi)
+    if own is not None and bool(same.any()):
+        g = torch.where(same.view(-1, *([1] * (g.dim() - 1))), own.grad, g)
+    return HMCState(other.phi, other.action, g)
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,7 +532,7 @@ def _mean_acceptance(
     integrator: str,
     step_size: float,
     num_steps: int,
-    generator: torch.Generator,
+    generator: RNG,
 ) -> float:
     kernel = build_kernel(action, integrator=integrator, step_size=step_size, num_steps=num_steps)
     _, info = kernel(state, generator)
@@ -522,7 +542,7 @@ def _mean_acceptance(
 def find_reasonable_step_size(
     action: Action,
     state: HMCState,
-    generator: torch.Generator,
+    generator: RNG,
     *,
     integrator: str = "leapfrog",
     initial_step_size: float = 0.1,
@@ -562,7 +582,7 @@ def find_reasonable_step_size(
 def tune_step_size(
     action: Action,
     state: HMCState,
-    generator: torch.Generator,
+    generator: RNG,
     *,
     traj_length: float = 1.0,
     target_accept: float = 0.8,
@@ -573,6 +593,7 @@ def tune_step_size(
     t0: float = 10.0,
     kappa: float = 0.75,
     max_num_steps: int = 1000,
+    before_trajectory: Callable[[int, HMCState], HMCState] | None = None,
 ) -> tuple[HMCState, float, int, dict[str, list[float]]]:
     r"""Warm up the chains while adapting :math:`\epsilon` by dual averaging, then freeze it.
 
@@ -589,6 +610,9 @@ def tune_step_size(
 
     The returned step size is :math:`\bar\epsilon_M`. Adaptation breaks the Markov property, so
     the warm-up states must be discarded; sampling afterwards with the frozen step size is exact.
+    :math:`\alpha_m` is averaged over all chains of the batch, so the tuned step size depends on
+    the set of chains run together even with per-chain random streams (give a fixed step size to
+    reproduce a subset of chains exactly).
 
     Args:
         action: the action.
@@ -604,6 +628,9 @@ def tune_step_size(
         max_num_steps: the step size used is clipped to
             ``[traj_length / max_num_steps, traj_length]`` so that a run of rejections cannot
             make a trajectory arbitrarily expensive.
+        before_trajectory: optional ``f(i, state) -> state`` called before warm-up trajectory
+            ``i`` (0-based); a hybrid sampler uses it to interleave its flow steps, so that the
+            step size is tuned while the whole cycle runs.
 
     Returns:
         ``(state, step_size, num_steps, history)``: the warmed-up state, the frozen step size,
@@ -639,6 +666,8 @@ def tune_step_size(
         "step_size": [], "step_size_avg": [], "num_steps": [], "acceptance_rate": []
     }
     for m in range(1, num_warmup + 1):
+        if before_trajectory is not None:
+            state = before_trajectory(m - 1, state)
         eps = min(max(math.exp(log_eps), traj_length / max_num_steps), traj_length)
         num_steps = max(1, math.ceil(traj_length / eps))
         kernel = build_kernel(action, integrator=integrator, step_size=eps, num_steps=num_steps)

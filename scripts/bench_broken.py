@@ -4,8 +4,8 @@ Nearer the transition than the shipped (8, -4, 1) point: by default L = 16, m2 =
 (broken at L = 16: the HMC histogram of m is bimodal and plain HMC rarely tunnels). Steps:
 
 1. HMC reference: ``C`` chains, ordered start at +phi0, step size tuned by dual averaging, then
-   frozen; once *with* the exact global flip (the reference) and once *without* (sign changes of
-   m per trajectory measure how rare tunnelling is; the m histogram shows the two modes).
+   frozen; once *with* the exact global flip (the reference) and once *without* (sign changes
+   of m per trajectory measure how rare tunnelling is; the m histogram shows the two modes).
 2. A flow trained by reverse KL with the CLI default for a Z2-symmetric action
    (trained plain, sampled through q_s = [q(phi) + q(-phi)]/2 when sign-imbalanced), the default
    recipe's architecture (``--recipe``) and a modest step budget (or ``--model`` to reuse a
@@ -41,6 +41,7 @@ from flowmc.action import Phi4Action
 from flowmc.autocorr import gamma_analysis
 from flowmc.checkpoint import load_model, machine_info
 from flowmc.evaluate import evaluate_flow
+from flowmc.rng import ChainRNG
 from flowmc.workflow import train_flow
 
 FULL = {"L": 16, "lam": 3.0, "train_steps": 300, "n": 4096, "chains": 4, "hmc_chains": 16,
@@ -140,21 +141,17 @@ def train(
 
 @torch.no_grad()
 def run_flow_chain(proposal: torch.nn.Module, action: Phi4Action, cfg: dict, seed: int) -> dict:
-    gen = torch.Generator().manual_seed(seed)
+    rng = ChainRNG(seed, cfg["chains"])
     c, n = cfg["chains"], cfg["n"]
+    kernel = imh.flow_imh(proposal, action, max(1024 // c, 1))
     t0 = time.perf_counter()
-    phi0, lq0 = proposal.sample(c, generator=gen)
-    state = imh.init(phi0, action(phi0), lq0)
+    state = imh.sample_init(proposal, action, rng)
     ms, acc, done = [], [], 0
     while done < n:
-        k = min(1024 // c or 1, n - done)
-        phi, s, lq = imh.propose(proposal, action, k, c, generator=gen)
-        log_u = torch.rand((k, c), generator=gen, dtype=torch.float64).log()
-        before = state
-        state, info = imh.accept_reject(state, phi, s, lq, log_u)
-        m_prop = phi.flatten(2).mean(2)
-        ms.append(imh.gather(before.phi.flatten(1).mean(1), m_prop, info.index).double().numpy())
-        acc.append(info.is_accepted.numpy())
+        state, info = kernel.step(state, rng)
+        k = min(info.is_accepted.shape[0], n - done)
+        ms.append(info.phi[:k].flatten(2).mean(2).double().numpy())
+        acc.append(info.is_accepted[:k].numpy())
         done += k
     sec = time.perf_counter() - t0
     m = np.concatenate(ms)

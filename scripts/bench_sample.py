@@ -7,8 +7,8 @@ Both samplers use the same trained flow, on the same machine, in the same run:
   64 proposals per flow call, then accept/reject one proposal at a time with torch scalar
   operations, appending each configuration to a Python list. It runs on the same flow as flowmc
   and, with ``--seed-model``, also on a flow trained with the seed's recipe;
-* ``flowmc_kernel``: flowmc's block kernel (one flow call for K proposals under ``no_grad``, then
-  the accept/reject loop on plain floats), configurations kept in memory;
+* ``flowmc_kernel``: flowmc's block kernel (``imh.flow_imh``: one flow call for K proposals under
+  ``no_grad``, then the accept/reject loop on plain floats), configurations kept in memory;
 * ``flowmc_sample``: the full ``flowmc sample`` path, configurations written to HDF5.
 
 Usage::
@@ -30,7 +30,8 @@ import torch
 
 from flowmc import imh
 from flowmc.checkpoint import load_model
-from flowmc.sampler import FlowMHConfig, run_flow_mh
+from flowmc.rng import ChainRNG
+from flowmc.run import RunConfig, run_ensemble
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,17 +72,14 @@ def seed_loop(proposal, action, n: int, batch_size: int = 64) -> dict:  # noqa: 
 
 @torch.no_grad()
 def flowmc_kernel(proposal, action, n: int, batch: int, chains: int = 1) -> dict:  # noqa: ANN001
-    gen = torch.Generator().manual_seed(0)
-    phi0, lq0 = proposal.sample(chains, generator=gen)
-    state = imh.init(phi0, action(phi0), lq0)
+    rng = ChainRNG(0, chains)
+    kernel = imh.flow_imh(proposal, action, batch)
+    state = imh.sample_init(proposal, action, rng)
     t0 = time.perf_counter()
     done, acc, kept = 0, 0, []
     while done < n:
-        phi, s, lq = imh.propose(proposal, action, batch, chains, generator=gen)
-        log_u = torch.rand(batch, chains, generator=gen, dtype=torch.float64).log()
-        before = state
-        state, info = imh.accept_reject(state, phi, s, lq, log_u)
-        kept.append(imh.gather(before.phi, phi, info.index))
+        state, info = kernel.step(state, rng)
+        kept.append(info.phi)
         acc += int(info.is_accepted.sum())
         done += batch
     seconds = time.perf_counter() - t0
@@ -93,9 +91,10 @@ def flowmc_kernel(proposal, action, n: int, batch: int, chains: int = 1) -> dict
 def flowmc_sample(model, n: int, batch: int, chains: int = 1) -> dict:  # noqa: ANN001
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.h5"
-        res = run_flow_mh(model, out, FlowMHConfig(n=n, chains=chains, batch=batch, seed=0),
-                          progress=False)
+        res = run_ensemble(out, RunConfig(n=n, chains=chains, batch=batch, seed=0), model=model,
+                           progress=False)
         res["file_mb"] = out.stat().st_size / 2**20
+    res["kernel"] = res.pop("sampler")  # "flow-imh"; "sampler" names the benchmark row
     res["samples_per_second"] = res["n"] * chains / res["seconds"]
     return res
 

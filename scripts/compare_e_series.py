@@ -37,8 +37,7 @@ from flowmc.checkpoint import load_checkpoint, load_model, machine_info
 from flowmc.commands._common import write_json
 from flowmc.compare import compare
 from flowmc.ensemble import open_ensemble
-from flowmc.hmc_run import HMCRunConfig, run_hmc
-from flowmc.sampler import FlowMHConfig, run_flow_mh
+from flowmc.run import HMCSettings, RunConfig, run_ensemble
 from flowmc.workflow import train_flow
 
 M2 = -4.0
@@ -147,16 +146,16 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
     model = load_model(model_path, device=device)
 
     def run_flow(n: int, resume: bool) -> None:
-        run_flow_mh(model, flow_h5,
-                    FlowMHConfig(n=n, chains=args.flow_chains, batch=1024, seed=args.seed),
-                    resume=resume, force=not resume, store_configs=True,
-                    progress=not args.quiet, meta={"point": name})
+        run_ensemble(flow_h5, RunConfig(n=n, chains=args.flow_chains, batch=1024, seed=args.seed),
+                     model=model, resume=resume, force=not resume, store_configs=True,
+                     progress=not args.quiet, meta={"point": name})
 
     def run_h(n: int, resume: bool) -> None:
-        cfg = HMCRunConfig(n=n, chains=args.hmc_chains, warmup=args.hmc_warmup,
-                           integrator=args.integrator, flip=True, seed=args.seed)
-        run_hmc(action, hmc_h5, cfg, resume=resume, force=not resume,
-                progress=not args.quiet, meta={"point": name}, device=device)
+        cfg = RunConfig(n=n, chains=args.hmc_chains, seed=args.seed,
+                        hmc=HMCSettings(warmup=args.hmc_warmup, integrator=args.integrator,
+                                        flip=True))
+        run_ensemble(hmc_h5, cfg, action=action, resume=resume, force=not resume,
+                     progress=not args.quiet, meta={"point": name}, device=device)
 
     print(f"[{name}] flow MH for {args.seconds:g} s", flush=True)
     run_for(args.seconds, run_flow, flow_h5, n0=200)

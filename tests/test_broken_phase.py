@@ -5,7 +5,7 @@ action, so neither a local sampler nor a reverse-KL flow crosses it on its own. 
 is used through its checkpoint's symmetrised proposal q_s = [q(phi) + q(-phi)]/2, which proposes
 both modes; the tests check
 
-* the flow-MH chain (``run_flow_mh`` -> ``analyze``): <m> = 0 and frac(M > 0) = 1/2 within
+* the flow-MH chain (``run_ensemble`` -> ``analyze``): <m> = 0 and frac(M > 0) = 1/2 within
   their tau_int-aware errors, and no Z2 warning;
 * <|m|>, chi_2 = V<m^2> and U_4 against HMC with the exact global flip move (Bonferroni over the
   five z-tests of the two tests below: z < Phi^-1(1 - 0.01/10) = 3.29);
@@ -39,7 +39,7 @@ from flowmc.autocorr import derived_gamma, gamma_analysis
 from flowmc.checkpoint import LoadedModel, load_model
 from flowmc.evaluate import needs_symmetrisation
 from flowmc.flow import FlowConfig, Z2SymmetricFlow, build_flow
-from flowmc.sampler import FlowMHConfig, run_flow_mh
+from flowmc.run import RunConfig, run_ensemble
 
 MODEL = Path(__file__).resolve().parents[1] / "data" / "phi4_L8_m2-4_lam1.pt"
 L, M2, LAM = 8, -4.0, 1.0
@@ -66,8 +66,8 @@ class _OneMode(torch.nn.Module):
         self.base = base
         self.lattice_shape = base.lattice_shape
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None):  # noqa: ANN201
-        phi, log_q = self.base.sample(n, generator=generator)
+    def from_noise(self, eps: torch.Tensor, u: torch.Tensor):  # noqa: ANN201
+        phi, log_q = self.base.from_noise(eps, u)
         sign = torch.where(phi.flatten(1).sum(1) < 0, -1.0, 1.0).to(phi.dtype)
         return phi * sign.view(-1, 1, 1), log_q + math.log(2.0)
 
@@ -84,7 +84,8 @@ def model() -> LoadedModel:
 @pytest.fixture(scope="module")
 def flow_res(model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("broken") / "flow.h5"
-    run_flow_mh(model, out, FlowMHConfig(n=4096, chains=2, batch=1024, seed=11), progress=False)
+    run_ensemble(out, RunConfig(n=4096, chains=2, batch=1024, seed=11), model=model,
+                 progress=False)
     return analyze(out)
 
 
@@ -164,7 +165,8 @@ def test_negative_control_one_mode_proposal_detected(model: LoadedModel, tmp_pat
     bad = copy.copy(model)
     bad.proposal = _OneMode(model.proposal)
     out = tmp_path / "one_mode.h5"
-    run_flow_mh(bad, out, FlowMHConfig(n=1024, chains=2, batch=1024, seed=11), progress=False)
+    run_ensemble(out, RunConfig(n=1024, chains=2, batch=1024, seed=11), model=bad,
+                 progress=False)
     res = analyze(out)
     assert res["frac_m_positive"]["value"] == 1.0
     assert _detected(res), (res["m_over_error"], res["frac_m_positive"], res["warnings"])
@@ -174,6 +176,7 @@ def test_negative_control_unsymmetrised_flow_detected(tmp_path: Path) -> None:
     """The same flow sampled without q_s (``symmetric=False``) stays in one mode: detected."""
     plain = load_model(MODEL, symmetric=False)
     out = tmp_path / "plain.h5"
-    run_flow_mh(plain, out, FlowMHConfig(n=1024, chains=2, batch=1024, seed=11), progress=False)
+    run_ensemble(out, RunConfig(n=1024, chains=2, batch=1024, seed=11), model=plain,
+                 progress=False)
     res = analyze(out)
     assert _detected(res), (res["m_over_error"], res["frac_m_positive"], res["warnings"])

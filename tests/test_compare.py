@@ -25,8 +25,7 @@ from flowmc.cli import main
 from flowmc.compare import compare, ensemble_cost
 from flowmc.ensemble import EnsembleWriter, open_ensemble
 from flowmc.flow import FlowConfig, build_flow
-from flowmc.hmc_run import HMCRunConfig, run_hmc
-from flowmc.sampler import FlowMHConfig, run_flow_mh
+from flowmc.run import HMCSettings, RunConfig, run_ensemble
 
 SHAPE = (4, 4)
 TRAIN_TIME = 12.5
@@ -67,15 +66,14 @@ def ensembles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         flow = build_flow(FlowConfig(SHAPE, n_layers=2, hidden=(4,), prior_sigma=0.6))
     model_path = d / "model.pt"
     save_checkpoint(model_path, flow, action, symmetric=True,
-                    meta={"training_time_s": 999.0})  # never read by compare
-    run_flow_mh(load_model(model_path), d / "flow.h5",
-                FlowMHConfig(n=60, chains=4, batch=32, seed=1), progress=False,
-                meta=_model_meta(model_path, TRAIN_TIME))
-    run_hmc(action, d / "hmc.h5", HMCRunConfig(n=60, chains=4, warmup=20, chunk=25),
-            progress=False)
+                    meta={"training_time_s": TRAIN_TIME})  # recorded at sampling time
+    run_ensemble(d / "flow.h5", RunConfig(n=60, chains=4, batch=32, seed=1),
+                 model=load_model(model_path), progress=False)
+    run_ensemble(d / "hmc.h5", RunConfig(n=60, chains=4, chunk=25, hmc=HMCSettings(warmup=20)),
+                 action=action, progress=False)
     rng = np.random.default_rng(3)
-    extra = {
-        "flow_accepted": rng.random((60, 4)) < 0.3,
+    extra = {  # the hybrid's schema: 'accepted' is the flow step's, hmc_accepted counts of K
+        "accepted": rng.random((60, 4)) < 0.3,
         "hmc_accepted": rng.integers(0, 4, (60, 4)).astype(float),  # counts of 3 trajectories
         "hmc_acceptance": rng.random((60, 4)),
     }
@@ -189,7 +187,7 @@ def test_three_way_z_scores_costs_and_kernels(
     extra = ensembles["extra"]
     assert hyb["is_flow"] is True and hyb["train_time_s"] == HYBRID_TRAIN_TIME
     kernels = hyb["acceptance_by_kernel"]
-    assert kernels["flow"] == pytest.approx(extra["flow_accepted"].mean())
+    assert kernels["flow"] == pytest.approx(extra["accepted"].mean())
     # hmc_acceptance (probabilities) is read after hmc_accepted (counts / hmc_traj); both given
     assert kernels["hmc"] == pytest.approx(extra["hmc_acceptance"].mean())
     for name, row in res["observables"].items():
@@ -213,12 +211,12 @@ def test_three_way_z_scores_costs_and_kernels(
 def test_hybrid_kernel_acceptance_rules(ensembles: dict[str, Path], tmp_path: Path) -> None:
     """Counts are divided by hmc_traj; without it the kernel is skipped with a note."""
     extra = ensembles["extra"]
-    counts_only = {"flow_accepted": extra["flow_accepted"], "hmc_accepted": extra["hmc_accepted"]}
+    counts_only = {"accepted": extra["accepted"], "hmc_accepted": extra["hmc_accepted"]}
     path = _copy_as(ensembles["hmc"], tmp_path / "h.h5", sampler={"name": "hybrid", "hmc_traj": 3},
                     meta={}, extra=counts_only)
     res = analyze(path)
     assert res["acceptance_by_kernel"]["hmc"] == pytest.approx(extra["hmc_accepted"].mean() / 3)
-    assert res["acceptance_by_kernel"]["flow"] == pytest.approx(extra["flow_accepted"].mean())
+    assert res["acceptance_by_kernel"]["flow"] == pytest.approx(extra["accepted"].mean())
     assert any("hybrid ensemble is the flow step's" in n for n in res["notes"])
     path = _copy_as(ensembles["hmc"], tmp_path / "k.h5", sampler={"name": "hybrid"}, meta={},
                     extra=counts_only)
@@ -280,8 +278,8 @@ def test_different_actions_warn_and_bad_input(
     ensembles: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     other = tmp_path / "other.h5"
-    run_hmc(Phi4Action(-4.0, 6.0, SHAPE), other, HMCRunConfig(n=10, chains=2, warmup=5),
-            progress=False)
+    run_ensemble(other, RunConfig(n=10, chains=2, hmc=HMCSettings(warmup=5)),
+                 action=Phi4Action(-4.0, 6.0, SHAPE), progress=False)
     stub = _stub({"chi2": (0.7, 0.05, 1.0)}, 0.8)
     res = compare(ensembles["hmc"], other, analyze_fn=lambda p, d: stub)
     assert res["labels"] == ["A (hmc)", "B (hmc)"] and res["same_action"] is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,22 @@ from scipy.stats import t as student_t
 from flowmc.action import Phi4Action
 from flowmc.cli import main
 from flowmc.ensemble import EnsembleWriter, open_ensemble
-from flowmc.hmc_run import SCALARS, HMCRunConfig, run_hmc
 from flowmc.observables import ising_energy
+from flowmc.run import SCALARS, HMCSettings, RunConfig, run_ensemble
 
 ALPHA = 0.01
+HMC_SCALARS = SCALARS["hmc"]
+
+
+def _cfg(n: int, *, chains: int = 1, thin: int = 1, start: str = "cold", chunk: int | None = None,
+         seed: int = 0, **hmc_settings: object) -> RunConfig:
+    """An HMC run configuration (``hmc_settings`` go into :class:`HMCSettings`)."""
+    return RunConfig(n=n, chains=chains, thin=thin, start=start, chunk=chunk, seed=seed,
+                     hmc=HMCSettings(**hmc_settings))
+
+
+def run_hmc(action: Phi4Action, out: Path, cfg: RunConfig, **kw: object) -> dict:
+    return run_ensemble(out, cfg, action=action, **kw)
 
 
 def _z_crit(m: int, dof: int | None = None) -> float:
@@ -60,7 +73,7 @@ def test_hmc_cli_writes_valid_ensemble(tmp_path: Path, capsys: pytest.CaptureFix
     assert "acceptance" in text and "step size" in text and str(out) in text
     with open_ensemble(out) as ens:
         assert ens.n == 30 and ens.n_chains == 3 and ens.lattice_shape == (4, 4)
-        assert ens.scalar_names == SCALARS and ens.model_sha256 == ""
+        assert ens.scalar_names == HMC_SCALARS and ens.model_sha256 == ""
         s = ens.sampler
         assert s["name"] == "hmc" and s["integrator"] == "omelyan" and s["warmup"] == 20
         assert s["step_size"] > 0 and s["num_steps"] == math.ceil(1.0 / s["step_size"])
@@ -84,15 +97,15 @@ def test_hmc_cli_writes_valid_ensemble(tmp_path: Path, capsys: pytest.CaptureFix
     assert main([*argv[:-2], "--resume", "--flip"]) == 2
     assert "flip" in capsys.readouterr().err
     with pytest.raises(ValueError, match="warmup >= 1"):
-        HMCRunConfig(n=5, warmup=0)
+        HMCSettings(warmup=0)
     with pytest.raises(ValueError, match="integrator"):
-        HMCRunConfig(n=5, integrator="euler")
+        HMCSettings(integrator="euler")
 
 
 def test_no_configs_and_fixed_step_size(tmp_path: Path) -> None:
     action = Phi4Action(-4.0, 8.0, (4, 4))
-    cfg = HMCRunConfig(n=12, chains=2, warmup=3, step_size=0.1, thin=2, chunk=5,
-                       integrator="leapfrog", flip=True, start="cold")
+    cfg = _cfg(12, chains=2, warmup=3, step_size=0.1, thin=2, chunk=5,
+               integrator="leapfrog", flip=True, start="cold")
     s = run_hmc(action, tmp_path / "a.h5", cfg, store_configs=False, progress=False)
     assert s["step_size"] == 0.1 and s["num_steps"] == 10 and s["trajectories"] == 24
     with open_ensemble(tmp_path / "a.h5") as ens:
@@ -107,7 +120,7 @@ def test_no_configs_and_fixed_step_size(tmp_path: Path) -> None:
 def test_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Interrupted (by an exception mid-run) and resumed == uninterrupted, byte for byte."""
     action = Phi4Action(-4.0, 8.0, (4, 4))
-    cfg = HMCRunConfig(n=25, chains=3, warmup=15, chunk=4, thin=2, flip=True, seed=11)
+    cfg = _cfg(25, chains=3, warmup=15, chunk=4, thin=2, flip=True, seed=11)
     full, part = tmp_path / "full.h5", tmp_path / "part.h5"
     run_hmc(action, full, cfg, progress=False, config_dtype="float64")
 
@@ -127,7 +140,7 @@ def test_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with open_ensemble(part) as ens:
         assert ens.n == 8
     # resume in two steps, to an intermediate and then to the final length
-    run_hmc(action, part, HMCRunConfig(**{**cfg.__dict__, "n": 13}), resume=True,
+    run_hmc(action, part, replace(cfg, n=13), resume=True,
             progress=False, config_dtype="float64")
     s = run_hmc(action, part, cfg, resume=True, progress=False, config_dtype="float64")
     assert s["n"] == 25 and s["trajectories"] == 50
@@ -140,7 +153,7 @@ def test_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_resume_right_after_warmup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A kill after the post-warm-up ``save_state`` but before any row resumes exactly."""
     action = Phi4Action(-4.0, 8.0, (4, 4))
-    cfg = HMCRunConfig(n=6, chains=2, warmup=10, chunk=3, seed=3)
+    cfg = _cfg(6, chains=2, warmup=10, chunk=3, seed=3)
     run_hmc(action, tmp_path / "full.h5", cfg, progress=False)
 
     def boom(self: EnsembleWriter, **kw: object) -> None:
@@ -162,8 +175,8 @@ def test_resume_right_after_warmup(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def _free_theory_z(tmp_path: Path, integrator: str, step_size: float) -> dict[str, tuple]:
     action = Phi4Action(0.5, 0.0, (4, 4))
     free = action.free_theory()
-    cfg = HMCRunConfig(n=150, chains=32, warmup=30, step_size=step_size,
-                       integrator=integrator, seed=5, traj_length=1.5)
+    cfg = _cfg(150, chains=32, warmup=30, step_size=step_size,
+               integrator=integrator, seed=5, traj_length=1.5)
     run_hmc(action, tmp_path / "free.h5", cfg, progress=False, config_dtype="float64",
             force=True)
     with open_ensemble(tmp_path / "free.h5") as ens:
@@ -203,13 +216,14 @@ def test_exact_on_free_theory_negative_control(
 ) -> None:
     """The same run without the Metropolis test (every trajectory accepted) must fail."""
     from flowmc import hmc
+    from flowmc.rng import draw_normal
 
     def accept_all_kernel(action: Phi4Action, *, integrator: str, step_size: float,
                           num_steps: int, flip: bool = False, **_: object):  # noqa: ANN202
         integrate = hmc._INTEGRATOR_FNS[integrator]
 
         def step(state: hmc.HMCState, gen: torch.Generator):  # noqa: ANN202
-            pi0 = torch.randn(state.phi.shape, generator=gen, dtype=state.phi.dtype)
+            pi0 = draw_normal(gen, state.phi.shape, dtype=state.phi.dtype, device="cpu")
             phi1, pi1, g1 = integrate(state.phi, pi0, state.grad, action, step_size, num_steps)
             s1 = action(phi1)
             dh = hmc.kinetic_energy(pi1) + s1 - hmc.kinetic_energy(pi0) - state.action
@@ -258,17 +272,12 @@ def _quick_flow(tmp_path: Path) -> Path:
 def _flow_mh_from(model: object, phi0: torch.Tensor, num_steps: int, seed: int) -> np.ndarray:
     """``num_steps`` flow-MH steps of C chains started at ``phi0`` (C, *L); configs (K, C, *L)."""
     from flowmc import imh
+    from flowmc.rng import ChainRNG
 
-    proposal, action = model.proposal, model.action
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        phi0 = phi0.to(torch.float32)
-        state = imh.init(phi0, action(phi0), proposal.log_prob(phi0))
-        phi, s, log_q = imh.propose(proposal, action, num_steps, phi0.shape[0], generator=gen)
-        log_u = torch.rand(s.shape, generator=gen, dtype=torch.float64).log()
-        before = state
-        state, info = imh.accept_reject(state, phi, s, log_q, log_u)
-        return imh.gather(before.phi, phi, info.index).double().numpy()
+    kernel = imh.flow_imh(model.proposal, model.action, num_steps)
+    state = kernel.init(phi0.to(torch.float32))
+    _, info = kernel.step(state, ChainRNG(seed, phi0.shape[0]))
+    return info.phi.double().numpy()
 
 
 def test_hmc_and_flow_mh_agree_at_L8(tmp_path: Path) -> None:
@@ -279,7 +288,7 @@ def test_hmc_and_flow_mh_agree_at_L8(tmp_path: Path) -> None:
     the difference is z-tested with a Bonferroni correction over the 3 observables. HMC is
     also checked against the published chi_2 = 0.75(1) (arXiv:2101.08176).
 
-    With the shipped flow (data/phi4_L8_m2-4_lam8.pt) flow MH runs through ``run_flow_mh``
+    With the shipped flow (data/phi4_L8_m2-4_lam8.pt) flow MH runs through ``run_ensemble``
     from its own (flow) start. Without it, a flow trained here for 120 steps has acceptance
     ~0.05-0.1 and rejection runs of hundreds of steps: a CI-sized run could not wash out the
     start, and the comparison would measure initial-state bias. The flow-MH chains are then
@@ -288,21 +297,20 @@ def test_hmc_and_flow_mh_agree_at_L8(tmp_path: Path) -> None:
     ratio (each chain accepts ~20 proposals), though less strictly than the first path.
     """
     from flowmc.checkpoint import load_model
-    from flowmc.sampler import FlowMHConfig, run_flow_mh
 
     action = Phi4Action(-4.0, 8.0, (8, 8))
     V = 64
-    run_hmc(action, tmp_path / "hmc.h5",
-            HMCRunConfig(n=300, chains=32, warmup=100, seed=1), progress=False)
+    run_hmc(action, tmp_path / "hmc.h5", _cfg(300, chains=32, warmup=100, seed=1),
+            progress=False)
     with open_ensemble(tmp_path / "hmc.h5") as ens:
         cfg_hmc = np.asarray(ens.configs, dtype=np.float64)
         phi_last = torch.as_tensor(ens.load_state()[0]["phi"])
     shipped = _shipped_flow()
     if shipped is not None:
         model = load_model(shipped, symmetric=True)
-        run_flow_mh(model, tmp_path / "flow.h5",
-                    FlowMHConfig(n=600, chains=16, batch=256, therm=200, seed=2),
-                    progress=False)
+        run_ensemble(tmp_path / "flow.h5",
+                     RunConfig(n=600, chains=16, batch=256, therm=200, seed=2), model=model,
+                     progress=False)
         with open_ensemble(tmp_path / "flow.h5") as ens:
             cfg_flow = np.asarray(ens.configs, dtype=np.float64)
     else:

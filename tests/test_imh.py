@@ -13,6 +13,7 @@ from flowmc import imh
 from flowmc.action import FreeTheory, Phi4Action
 from flowmc.autocorr import gamma_analysis
 from flowmc.flow import FlowConfig, Z2SymmetricFlow, build_flow
+from flowmc.rng import ChainRNG
 
 
 # --- exact finite-state check -----------------------------------------------------------------
@@ -65,7 +66,8 @@ def test_accept_reject_matches_reference_loop():
     log_q[7, 1] = float("nan")  # a non-finite proposal must be rejected
     log_u = torch.rand(K, C, generator=gen, dtype=torch.float64).log()
     phi = torch.randn(K, C, 2, generator=gen, dtype=torch.float64)
-    state = imh.init(torch.zeros(C, 2, dtype=torch.float64), torch.zeros(C), torch.zeros(C))
+    state = imh.init(torch.zeros(C, 2, dtype=torch.float64), torch.zeros(C, dtype=torch.float64),
+                     torch.zeros(C, dtype=torch.float64))
     new, info = imh.accept_reject(state, phi, action, log_q, log_u)
     for c in range(C):
         lw, cur = 0.0, -1
@@ -75,12 +77,17 @@ def test_accept_reject_matches_reference_loop():
             if ok:
                 lw, cur = lw_new, k
             assert bool(info.is_accepted[k, c]) == ok
-            assert info.index[k, c].item() == cur + 1
+            # the trace: the chain after step k is proposal `cur` (or the start)
+            want = phi[cur, c] if cur >= 0 else state.phi[c]
+            torch.testing.assert_close(info.phi[k, c], want, atol=0, rtol=0)
+            want_s = action[cur, c] if cur >= 0 else state.action[c]
+            assert info.action[k, c].item() == want_s.item()
+            assert info.log_weight[k, c].item() == lw
         if cur >= 0:
             torch.testing.assert_close(new.phi[c], phi[cur, c])
     assert bool(info.is_nonfinite[7, 1]) and not bool(info.is_accepted[7, 1])
-    chain = imh.gather(state.phi, phi, info.index)
-    torch.testing.assert_close(chain[-1], new.phi)
+    torch.testing.assert_close(info.phi[-1], new.phi)
+    torch.testing.assert_close(info.log_q[-1], new.log_q)
 
 
 def test_init_rejects_nonfinite():
@@ -100,17 +107,17 @@ def _run_chains(use_log_q: bool, seed: int) -> dict[str, np.ndarray]:
     action = Phi4Action(M2_FREE, 0.0, shape)
     sigma = 1.02 * float(np.sqrt(1 / FreeTheory(M2_FREE, shape).eigenvalues().min()))
     flow = build_flow(FlowConfig(shape, n_layers=2, hidden=(4,), prior_sigma=sigma)).double()
-    gen = torch.Generator().manual_seed(seed)
+    rng = ChainRNG(seed, C)
     with torch.no_grad():
-        phi0, lq0 = flow.sample(C, generator=gen)
-        state = imh.init(phi0, action(phi0), lq0)
-        phi, s, lq = imh.propose(flow, action, therm + n, C, generator=gen)
-        log_u = torch.rand(therm + n, C, generator=gen, dtype=torch.float64).log()
-        if not use_log_q:
-            lq = torch.zeros_like(lq)
+        state = imh.sample_init(flow, action, rng)
+        if use_log_q:
+            _, info = imh.flow_imh(flow, action, therm + n).step(state, rng)
+        else:  # the blackjax irmh omission: the proposal treated as symmetric
+            phi, s, lq = imh.propose(flow, action, therm + n, rng)
+            log_u = rng.uniform((therm + n,)).log().t()
             state = state._replace(log_q=torch.zeros_like(state.log_q))
-        _, info = imh.accept_reject(state, phi, s, lq, log_u)
-        chain = imh.gather(state.phi, phi, info.index)[therm:]  # (n, C, 4, 4)
+            _, info = imh.accept_reject(state, phi, s, torch.zeros_like(lq), log_u)
+        chain = info.phi[therm:]  # (n, C, 4, 4)
     return {
         "phi2": chain.pow(2).mean((2, 3)).T.numpy(),
         "M2": chain.sum((2, 3)).pow(2).T.numpy(),

@@ -28,7 +28,7 @@ import flowmc
 from flowmc.checkpoint import load_checkpoint, load_model, save_checkpoint
 from flowmc.ensemble import open_ensemble
 from flowmc.flow import FlowConfig, build_flow
-from flowmc.sampler import FlowMHConfig, run_flow_mh
+from flowmc.run import RunConfig, run_ensemble
 from flowmc.shipped import (
     DEFAULT_MODEL,
     data_dir,
@@ -128,7 +128,7 @@ def test_version_is_recorded_in_checkpoint_and_ensemble(
         save_checkpoint(ckpt, flow, action)
         assert load_checkpoint(ckpt)["flowmc_version"] == version
         out = tmp_path / f"{version}.h5"
-        summary = run_flow_mh(load_model(ckpt), out, FlowMHConfig(n=8, batch=8), progress=False)
+        summary = run_ensemble(out, RunConfig(n=8, batch=8), model=load_model(ckpt), progress=False)
         assert summary["flowmc_version"] == version
         with open_ensemble(out) as ens:
             assert ens.attrs["flowmc_version"] == version

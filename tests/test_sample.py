@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -18,7 +19,7 @@ from flowmc.checkpoint import load_model, save_checkpoint
 from flowmc.cli import main
 from flowmc.ensemble import open_ensemble
 from flowmc.flow import FlowConfig, build_flow
-from flowmc.sampler import SCALARS, FlowMHConfig, run_flow_mh
+from flowmc.run import SCALARS, RunConfig, run_ensemble
 
 
 def _make_model(path, seed=0, shape=(4, 4)):
@@ -37,7 +38,8 @@ def model_path(tmp_path):
 
 def _arrays(path):
     with open_ensemble(path) as ens:
-        return {"configs": np.asarray(ens.configs), **{k: ens.scalar(k) for k in SCALARS}}, ens
+        return {"configs": np.asarray(ens.configs),
+                **{k: ens.scalar(k) for k in SCALARS["flow-imh"]}}, ens
 
 
 def test_sample_cli_writes_valid_ensemble(model_path, tmp_path, capsys):
@@ -70,12 +72,11 @@ def test_resume_is_bit_identical(model_path, tmp_path):
     model = load_model(model_path)
     full = tmp_path / "full.h5"
     part = tmp_path / "part.h5"
-    run_flow_mh(model, full, FlowMHConfig(n=700, chains=2, batch=96, thin=2, therm=5, seed=3),
-                progress=False)
-    run_flow_mh(model, part, FlowMHConfig(n=250, chains=2, batch=96, thin=2, therm=5, seed=3),
-                progress=False)  # stops mid-block
-    run_flow_mh(model, part, FlowMHConfig(n=700, chains=2, batch=96, thin=2, therm=5, seed=3),
-                resume=True, progress=False)
+    cfg = RunConfig(n=700, chains=2, batch=96, thin=2, therm=5, seed=3)
+    run_ensemble(full, cfg, model=model, progress=False)
+    run_ensemble(part, replace(cfg, n=250), model=model, progress=False)  # stops mid-block
+    run_ensemble(part, replace(cfg, n=401), model=model, resume=True, progress=False)  # again
+    run_ensemble(part, cfg, model=model, resume=True, progress=False)
     a, _ = _arrays(full)
     b, _ = _arrays(part)
     for key in a:
@@ -88,15 +89,15 @@ def test_refuses_to_overwrite_and_checks_model(model_path, tmp_path):
             "--quiet"]
     assert main(args) == 0
     with pytest.raises(FileExistsError, match="--force"):
-        run_flow_mh(load_model(model_path), out, FlowMHConfig(n=10), progress=False)
+        run_ensemble(out, RunConfig(n=10), model=load_model(model_path), progress=False)
     assert main([*args, "--force"]) == 0
     other = _make_model(tmp_path / "other.pt", seed=1)
     with pytest.raises(ValueError, match="model_sha256"):
-        run_flow_mh(load_model(other), out, FlowMHConfig(n=100, batch=32), resume=True,
-                    progress=False)
+        run_ensemble(out, RunConfig(n=100, batch=32), model=load_model(other), resume=True,
+                     progress=False)
     with pytest.raises(ValueError, match="sampler"):  # other settings than the file's
-        run_flow_mh(load_model(model_path), out, FlowMHConfig(n=100, batch=64), resume=True,
-                    progress=False)
+        run_ensemble(out, RunConfig(n=100, batch=64), model=load_model(model_path), resume=True,
+                     progress=False)
 
 
 def test_bad_files_give_clear_errors(model_path, tmp_path):
@@ -110,7 +111,7 @@ def test_bad_files_give_clear_errors(model_path, tmp_path):
     with pytest.raises(ValueError, match="not a flowmc ensemble"):
         open_ensemble(foreign)
     out = tmp_path / "ens.h5"
-    run_flow_mh(load_model(model_path), out, FlowMHConfig(n=20, batch=32), progress=False)
+    run_ensemble(out, RunConfig(n=20, batch=32), model=load_model(model_path), progress=False)
     with h5py.File(out, "r+") as f:
         f.attrs["schema_version"] = 99
     with pytest.raises(ValueError, match="schema"):
@@ -143,9 +144,9 @@ def test_sigkill_leaves_valid_resumable_file(model_path, tmp_path):
     ens.close()
     target = n_killed + 100
     model = load_model(model_path)
-    run_flow_mh(model, out, FlowMHConfig(n=target, chains=2, batch=64, seed=7), resume=True,
-                progress=False)
-    run_flow_mh(model, ref, FlowMHConfig(n=target, chains=2, batch=64, seed=7), progress=False)
+    cfg = RunConfig(n=target, chains=2, batch=64, seed=7)
+    run_ensemble(out, cfg, model=model, resume=True, progress=False)
+    run_ensemble(ref, cfg, model=model, progress=False)
     a, _ = _arrays(out)
     b, _ = _arrays(ref)
     for key in a:

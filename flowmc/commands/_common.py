@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from flowmc.action import Phi4Action
+from flowmc.run import HMCSettings, RunConfig
 from flowmc.shipped import (  # noqa: F401 - re-exported for the subcommands
     DEFAULT_MODEL,
     DEFAULT_MODELS,
@@ -52,6 +53,12 @@ def add_ensemble_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=None, help="configurations per chain (target)")
     p.add_argument("--out", type=Path, default=None, help="ensemble file (.h5)")
     p.add_argument("--chains", type=int, default=1, help="independent chains (default 1)")
+    p.add_argument("--thin", type=int, default=1, help="record every THIN-th step")
+    p.add_argument("--therm", type=int, default=0,
+                   help="steps discarded per chain after warm-up, before the first record")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="recorded rows per commit to the file (default: every flow call for "
+                   "flow MH, 100 otherwise)")
     p.add_argument("--resume", action="store_true", help="continue --out to the new --n")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--no-configs", action="store_true", help="store per-config scalars only")
@@ -61,8 +68,49 @@ def add_ensemble_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the run summary as JSON")
 
 
+def add_hmc_options(p: argparse.ArgumentParser, title: str) -> None:
+    """HMC options, shared by ``flowmc hmc`` and the hybrid of ``flowmc sample --hmc-traj``."""
+    g = p.add_argument_group(title)
+    g.add_argument("--traj-length", type=float, default=1.0,
+                   help="trajectory length tau (default 1)")
+    g.add_argument("--integrator", choices=["omelyan", "leapfrog"], default="omelyan",
+                   help="MD integrator (default omelyan)")
+    g.add_argument("--target-accept", type=float, default=0.8,
+                   help="acceptance targeted by the step-size tuning (default 0.8)")
+    g.add_argument("--warmup", type=int, default=200,
+                   help="warm-up trajectories per chain, discarded (default 200)")
+    g.add_argument("--step-size", type=float, default=None,
+                   help="fixed step size (skips tuning; warm-up still thermalises)")
+    g.add_argument("--flip", action="store_true", help="add the exact global Z2 flip move")
+
+
+def hmc_settings(args: argparse.Namespace) -> HMCSettings:
+    """The :class:`~flowmc.run.HMCSettings` of :func:`add_hmc_options`."""
+    return HMCSettings(
+        traj_length=args.traj_length,
+        integrator=args.integrator,
+        target_accept=args.target_accept,
+        warmup=args.warmup,
+        step_size=args.step_size,
+        flip=args.flip,
+    )
+
+
+def run_config(args: argparse.Namespace, **settings: object) -> RunConfig:
+    """The :class:`~flowmc.run.RunConfig` of :func:`add_ensemble_options` plus ``settings``."""
+    return RunConfig(
+        n=args.n,
+        chains=args.chains,
+        thin=args.thin,
+        therm=args.therm,
+        seed=args.seed,
+        chunk=args.chunk,
+        **settings,
+    )
+
+
 def storage_kwargs(args: argparse.Namespace, command: str) -> dict:
-    """Keyword arguments for run_flow_mh / run_hmc from :func:`add_ensemble_options`."""
+    """Keyword arguments of :func:`flowmc.run.run_ensemble` from :func:`add_ensemble_options`."""
     import shlex
     import sys
 
@@ -80,6 +128,35 @@ def storage_kwargs(args: argparse.Namespace, command: str) -> dict:
         "meta": {"resolved_config": resolved(args)},
         "command_line": shlex.join(["flowmc", command, *sys.argv[2:]]),
     }
+
+
+def print_run_summary(s: dict) -> None:
+    """Print the summary of :func:`flowmc.run.run_ensemble` (any sampler)."""
+    name = s["sampler"]
+    lines = [f"{name}: {s['n']} configs x {s['chains']} chains -> {s['path']}"]
+    if "flow_acceptance" in s:
+        lines.append(
+            f"  flow acceptance {s['flow_acceptance']:.4f}, non-finite proposals "
+            f"{s['n_nonfinite']}"
+        )
+    if "hmc_acceptance" in s:
+        per = f" x {s['hmc_traj']} per cycle" if "hmc_traj" in s else ""
+        lines.append(
+            f"  HMC ({s['integrator']}{per}): step size {s['step_size']:.5g} x "
+            f"{s['num_steps']} steps, acceptance {s['hmc_acceptance']:.4f}, divergent "
+            f"{s['n_divergent']}"
+        )
+    lines.append(
+        f"  acceptance {s['acceptance']:.4f}, longest rejection run "
+        f"{s['longest_rejection_run']}"
+    )
+    if s.get("adapted_model"):
+        lines.append(f"  adapted flow: {s['adapted_model']}")
+    warm = f", warm-up {s['warmup_seconds']:.2f} s" if s.get("warmup_seconds") else ""
+    lines.append(
+        f"  {s['seconds']:.2f} s this run{warm}, {s['samples_per_second']:.0f} samples/s"
+    )
+    print("\n".join(lines))
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:

@@ -1,65 +1,81 @@
-"""``flowmc sample``: an exact ensemble by Metropolis–Hastings with a flow proposal."""
+"""``flowmc sample``: an exact ensemble by flow Metropolis–Hastings, or the flow + HMC hybrid."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from flowmc.checkpoint import load_model
+from flowmc.adapt import AdaptConfig
 from flowmc.commands._common import (
     add_ensemble_options,
+    add_hmc_options,
     default_model_path,
+    hmc_settings,
+    print_run_summary,
+    run_config,
     storage_kwargs,
     write_json,
 )
 from flowmc.config import add_common_options, apply_threads, resolve_device, resolve_dtype
-from flowmc.sampler import FlowMHConfig, run_flow_mh
+from flowmc.run import run_ensemble
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample",
-        help="sample an exact ensemble with the flow as independence MH proposal",
+        help="sample an exact ensemble with the flow as independence MH proposal "
+        "(optionally cycled with HMC)",
         description="Run C independent Metropolis-Hastings chains whose proposals are drawn from "
         "a trained flow (K per flow call) and write every configuration and per-config scalars "
-        "to an HDF5 ensemble (docs/ensemble-format.md). Interrupted runs leave a valid file; "
-        "--resume continues them to a new --n, bit-identical to an uninterrupted run.",
+        "to an HDF5 ensemble (docs/ensemble-format.md). With --hmc-traj K each chain cycles one "
+        "flow proposal and K HMC trajectories (the hybrid, docs/hybrid.md). Interrupted runs "
+        "leave a valid file; --resume continues them to a new --n, bit-identical to an "
+        "uninterrupted run.",
     )
     add_common_options(p)
     add_ensemble_options(p)
     p.add_argument("--model", type=Path, default=None, help="flow checkpoint (default: shipped "
                    "flow for L=8, m2=-4, lam=8)")
-    p.add_argument("--batch", type=int, default=1024, help="proposals per chain per flow call")
-    p.add_argument("--thin", type=int, default=1, help="record every THIN-th step")
-    p.add_argument("--therm", type=int, default=0, help="steps discarded per chain at the start")
+    p.add_argument("--batch", type=int, default=None,
+                   help="flow proposals per chain per flow call (default 1024 for flow MH; 16 "
+                   "cycles for the hybrid)")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="override the checkpoint's Z2-symmetrised proposal")
+    p.add_argument("--hmc-traj", type=int, default=0,
+                   help="hybrid: HMC trajectories after each flow proposal (default 0: flow MH "
+                   "alone); the chains then run in float64")
+    add_hmc_options(p, "HMC part of the hybrid (with --hmc-traj K >= 1)")
+    a = p.add_argument_group("adaptive warm-up (flow MH and hybrid; docs/hybrid.md)")
+    a.add_argument("--adapt-steps", type=int, default=0,
+                   help="train the flow on the chains for this many optimizer steps during "
+                   "warm-up, then freeze it; saved as OUT.adapted.pt (default 0: off)")
+    a.add_argument("--adapt-lr", type=float, default=1e-4, help="Adam learning rate (1e-4)")
+    a.add_argument("--adapt-batch", type=int, default=256,
+                   help="chain configurations per optimizer step (default 256)")
+    a.add_argument("--adapt-reverse-kl", type=float, default=0.0,
+                   help="weight of the reverse-KL term added to the forward KL (default 0)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     storage = storage_kwargs(args, "sample")  # validates --n and --out first
-    device = resolve_device(args.device)
-    model_path = args.model or default_model_path()
-    model = load_model(
-        model_path, device=device, dtype=resolve_dtype(args.dtype), symmetric=args.symmetric
+    adapt = None
+    if args.adapt_steps:
+        adapt = AdaptConfig(steps=args.adapt_steps, lr=args.adapt_lr, batch=args.adapt_batch,
+                            reverse_kl=args.adapt_reverse_kl)
+    cfg = run_config(args, batch=args.batch, hmc_traj=args.hmc_traj, hmc=hmc_settings(args),
+                     adapt=adapt)
+    summary = run_ensemble(
+        args.out,
+        cfg,
+        model=args.model or default_model_path(),
+        symmetric=args.symmetric,
+        device=resolve_device(args.device),
+        dtype=resolve_dtype(args.dtype),
+        **storage,
     )
-    cfg = FlowMHConfig(
-        n=args.n,
-        chains=args.chains,
-        batch=args.batch,
-        thin=args.thin,
-        therm=args.therm,
-        seed=args.seed,
-    )
-    summary = run_flow_mh(model, args.out, cfg, **storage)
-    print(
-        f"flow MH: {summary['n']} configs x {summary['chains']} chains -> {summary['path']}\n"
-        f"  acceptance {summary['acceptance']:.4f}, longest rejection run "
-        f"{summary['longest_rejection_run']}, non-finite proposals {summary['n_nonfinite']}\n"
-        f"  {summary['seconds']:.2f} s this run, {summary['samples_per_second']:.0f} samples/s"
-    )
+    print_run_summary(summary)
     if args.json:
         write_json(args.json, summary)
     return 0
