@@ -31,7 +31,7 @@ __all__ = ["Flow", "FlowAt", "FlowConfig", "build_flow", "Z2SymmetricFlow", "tra
 
 @dataclass(frozen=True)
 class FlowConfig:
-    """Architecture of a coupling flow; stored in every checkpoint.
+    r"""Architecture of a coupling flow; stored in every checkpoint.
 
     Attributes:
         lattice_shape: lattice extents (all even).

@@ -145,7 +145,7 @@ class MomentumScaling(nn.Module):
         return int(self.log_sigma.shape[0])
 
     def orbit_log_sigma(self, context: Tensor | None = None) -> Tensor:
-        """:math:`\log\sigma` per orbit: ``(n_orbits,)``, or ``(B, n_orbits)`` with a context."""
+        r""":math:`\log\sigma` per orbit: ``(n_orbits,)``, or ``(B, n_orbits)`` with a context."""
         basis = poly_basis(context, self.degree, self.log_sigma)
         return self.log_sigma if basis is None else basis @ self.log_sigma.t()
 

@@ -152,7 +152,7 @@ class SplineCoupling(nn.Module):
         self.equivariant = bool(equivariant)
 
     def _params(self, frozen: Tensor, context: Tensor | None) -> Tensor:
-        """Spline parameters ``(B, 3K-1, *L)`` from the frozen sites; Z2-symmetrised if asked:
+        r"""Spline parameters ``(B, 3K-1, *L)`` from the frozen sites; Z2-symmetrised if asked:
         :math:`\theta(c) = \frac12[\mathrm{net}(c) + R\,\mathrm{net}(-c)]`, with :math:`R` the
         mirror :math:`x\to-x` of a spline (bin widths, heights and knot derivatives reversed),
         so :math:`\theta(-c) = R\theta(c)` and :math:`g_{\theta(-c)}(-x) = -g_{\theta(c)}(x)`."""
