@@ -187,27 +187,39 @@ class Phi4Action:
     def _axes(self) -> range:
         return range(1, self.dim + 1)
 
-    def __call__(self, phi: Tensor) -> Tensor:
+    def _lam(self, phi: Tensor, lam: Tensor | None) -> float | Tensor:
+        """The quartic coupling: this action's, or one per configuration ``(B,)``."""
+        if lam is None:
+            return self.lam
+        lam = torch.as_tensor(lam, dtype=phi.dtype, device=phi.device).reshape(-1)
+        if lam.shape != (phi.shape[0],):
+            raise ValueError(f"Expected lam of shape ({phi.shape[0]},); got {tuple(lam.shape)}")
+        return lam.view(-1, *([1] * self.dim))
+
+    def __call__(self, phi: Tensor, lam: Tensor | None = None) -> Tensor:
         """Action :math:`S[\\phi]`.
 
         Args:
             phi: ``(B, *L)`` field configurations.
+            lam: optional ``(B,)`` quartic couplings, one per configuration, replacing
+                ``self.lam`` (for training a flow conditioned on the coupling).
 
         Returns:
             ``(B,)`` action values.
         """
         check_field(phi, self.lattice_shape)
         phi2 = phi * phi
-        density = (2 * self.dim + self.m2) * phi2 + self.lam * phi2 * phi2
+        density = (2 * self.dim + self.m2) * phi2 + self._lam(phi, lam) * phi2 * phi2
         for mu in self._axes():
             # sum_n phi_n phi_{n-mu} == sum_n phi_n phi_{n+mu}, hence the factor 2
             density = density - 2.0 * phi * torch.roll(phi, -1, mu)
         return density.flatten(1).sum(1)
 
-    def grad(self, phi: Tensor) -> Tensor:
-        """Analytic gradient :math:`\\partial S/\\partial\\phi_n`, shape ``(B, *L)``."""
+    def grad(self, phi: Tensor, lam: Tensor | None = None) -> Tensor:
+        """Analytic gradient :math:`\\partial S/\\partial\\phi_n`, shape ``(B, *L)`` (``lam``
+        as in :meth:`__call__`)."""
         check_field(phi, self.lattice_shape)
-        out = (4 * self.dim + 2 * self.m2) * phi + 4 * self.lam * phi * phi * phi
+        out = (4 * self.dim + 2 * self.m2) * phi + 4 * self._lam(phi, lam) * phi * phi * phi
         for mu in self._axes():
             out = out - 2.0 * (torch.roll(phi, -1, mu) + torch.roll(phi, 1, mu))
         return out

@@ -36,7 +36,7 @@ import torch
 import flowmc
 from flowmc import durable, safeio
 from flowmc.action import Phi4Action
-from flowmc.flow import Flow, FlowConfig, Z2SymmetricFlow, build_flow
+from flowmc.flow import Flow, FlowAt, FlowConfig, Z2SymmetricFlow, build_flow
 from flowmc.shipped import resolve_model_path
 
 __all__ = [
@@ -263,21 +263,29 @@ class LoadedModel:
 
     Attributes:
         flow: the underlying :class:`Flow` (in eval mode).
-        proposal: ``flow`` or its :class:`Z2SymmetricFlow` if the checkpoint says ``symmetric``.
-        action: the :class:`Phi4Action` it was trained for.
+        proposal: the density to sample: ``flow`` (a conditional flow at ``lam``:
+            :class:`FlowAt`), or its :class:`Z2SymmetricFlow` if the checkpoint says
+            ``symmetric``.
+        action: the :class:`Phi4Action` it samples (a conditional flow's at ``lam``).
+        lam: the coupling a conditional flow is used at (``None`` for a flow of one action).
         checkpoint: the raw checkpoint dict.
         path: where it was loaded from.
     """
 
-    def __init__(self, flow: Flow, action: Phi4Action, checkpoint: dict, path: Path) -> None:
+    def __init__(
+        self, flow: Flow, action: Phi4Action, checkpoint: dict, path: Path,
+        lam: float | None = None,
+    ) -> None:
         self.flow = flow
         self.action = action
         self.checkpoint = checkpoint
         self.path = path
+        self.lam = lam
         self.symmetric = bool(checkpoint.get("symmetric", False))
+        base: Flow | FlowAt = flow.at(lam) if lam is not None else flow
         # an equivariant flow with an even prior has q(-phi) = q(phi): q_s = q exactly
         wrap = self.symmetric and not (flow.config is not None and flow.config.equivariant)
-        self.proposal: Flow | Z2SymmetricFlow = Z2SymmetricFlow(flow) if wrap else flow
+        self.proposal: Flow | FlowAt | Z2SymmetricFlow = Z2SymmetricFlow(base) if wrap else base
 
 
 def load_model(
@@ -287,6 +295,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     lattice_shape: tuple[int, ...] | None = None,
     symmetric: bool | None = None,
+    lam: float | None = None,
 ) -> LoadedModel:
     """Restore a trained flow.
 
@@ -297,10 +306,13 @@ def load_model(
         dtype: parameter dtype.
         lattice_shape: if given, the lattice the caller expects (error if different).
         symmetric: override the checkpoint's choice of Z2-symmetrised proposal.
+        lam: the quartic coupling to use a flow conditioned on it at (required for such a flow,
+            inside its range); for a flow of one action it may only repeat that action's.
 
     Raises:
         FileNotFoundError: if ``path`` is neither a file nor a shipped flow's name.
-        ValueError: if the checkpoint is for another lattice than ``lattice_shape``.
+        ValueError: if the checkpoint is for another lattice than ``lattice_shape``, or ``lam``
+            does not fit the flow.
     """
     path = resolve_model_path(path)
     ckpt = load_checkpoint(path)
@@ -319,6 +331,27 @@ def load_model(
     flow.to(device=device, dtype=dtype).eval()
     for p in flow.parameters():
         p.requires_grad_(False)
+    if flow.is_conditional:
+        lo, hi = flow.lam_range
+        if lam is None:
+            raise ValueError(
+                f"{path} is a flow conditioned on lam over [{lo:g}, {hi:g}]; give the coupling "
+                "to sample (--lam)"
+            )
+        lam = float(lam)
+        if not lo <= lam <= hi:
+            raise ValueError(
+                f"Expected --lam inside the range [{lo:g}, {hi:g}] that {path} was trained on; "
+                f"got {lam:g}"
+            )
+        action = Phi4Action(action.m2, lam, action.lattice_shape)
+    elif lam is not None:
+        if float(lam) != action.lam:
+            raise ValueError(
+                f"{path} was trained at lam = {action.lam:g} only (it is not conditioned on lam); "
+                f"got --lam {float(lam):g}"
+            )
+        lam = None
     if symmetric is not None:
         ckpt = {**ckpt, "symmetric": bool(symmetric)}
-    return LoadedModel(flow, action, ckpt, path)
+    return LoadedModel(flow, action, ckpt, path, lam=lam)

@@ -169,9 +169,9 @@ def _convert(action: argparse.Action, value: Any) -> Any:
         if not isinstance(value, str):
             raise want("a string (a path)" if t is Path else "a string")
         value = Path(value) if t is Path else value
-    else:  # another callable parses strings
-        if not isinstance(value, str):
-            raise want("a string")
+    else:  # another callable parses the value (a string, or a number it accepts)
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise want("a string or a number")
         try:
             value = t(value)
         except (argparse.ArgumentTypeError, TypeError, ValueError) as e:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from flowmc.nets import with_context
+
 __all__ = ["checkerboard", "AffineCoupling"]
 
 
@@ -46,7 +48,8 @@ class AffineCoupling(nn.Module):
 
     Args:
         mask: ``(*L)`` tensor of 0/1, 1 = transformed sites.
-        net: conditioner mapping ``(B, 1, *L)`` to ``(B, 2, *L)``.
+        net: conditioner mapping ``(B, 1 + c, *L)`` to ``(B, 2, *L)`` (``c`` context channels,
+            e.g. the coupling of a conditional flow, see :func:`flowmc.nets.with_context`).
         s_max: bound on :math:`|s|` per layer.
         equivariant: symmetrise the conditioner for Z2 equivariance.
     """
@@ -60,25 +63,25 @@ class AffineCoupling(nn.Module):
         self.s_max = float(s_max)
         self.equivariant = bool(equivariant)
 
-    def _st(self, frozen: Tensor) -> tuple[Tensor, Tensor]:
-        x = frozen.unsqueeze(1)
+    def _st(self, frozen: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.equivariant:
-            out = self.net(torch.cat([x, -x], 0))
+            ctx = None if context is None else torch.cat([context, context], 0)
+            out = self.net(with_context(torch.cat([frozen, -frozen], 0), ctx))
             a, b = out.chunk(2, 0)
             raw_s = 0.5 * (a[:, 0] + b[:, 0])
             t = 0.5 * (a[:, 1] - b[:, 1])
         else:
-            out = self.net(x)
+            out = self.net(with_context(frozen, context))
             raw_s, t = out[:, 0], out[:, 1]
         s = self.s_max * torch.tanh(raw_s / self.s_max)
         return s * self.mask, t * self.mask
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        s, t = self._st(x * (1 - self.mask))
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        s, t = self._st(x * (1 - self.mask), context)
         y = x * torch.exp(s) + t
         return y, s.flatten(1).sum(1)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        s, t = self._st(y * (1 - self.mask))
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        s, t = self._st(y * (1 - self.mask), context)
         x = (y - t) * torch.exp(-s)
         return x, -s.flatten(1).sum(1)

@@ -23,14 +23,15 @@ from flowmc.action import check_field
 from flowmc.couplings import AffineCoupling, checkerboard
 from flowmc.nets import PeriodicCNN
 from flowmc.prior import GaussianPrior
+from flowmc.spectral import MomentumScaling, ZeroModeSpline
 from flowmc.splines import SplineCoupling
 
-__all__ = ["Flow", "FlowConfig", "build_flow", "Z2SymmetricFlow", "transfer_state_dict"]
+__all__ = ["Flow", "FlowAt", "FlowConfig", "build_flow", "Z2SymmetricFlow", "transfer_state_dict"]
 
 
 @dataclass(frozen=True)
 class FlowConfig:
-    """Architecture of a coupling flow; stored in every checkpoint.
+    r"""Architecture of a coupling flow; stored in every checkpoint.
 
     Attributes:
         lattice_shape: lattice extents (all even).
@@ -42,6 +43,16 @@ class FlowConfig:
         equivariant: make every layer commute with phi -> -phi.
         s_max: bound on the per-layer log-scale.
         prior_sigma: standard deviation of the i.i.d. Gaussian prior.
+        momentum: put a :class:`~flowmc.spectral.MomentumScaling` layer first (learned
+            :math:`\sigma(k)` per momentum orbit: the Gaussian long-distance part).
+        zero_mode_bins: bins of an odd :class:`~flowmc.spectral.ZeroModeSpline` of the
+            magnetisation (0: none); ``extra`` may set ``zero_mode_bound`` (default 1.5) and
+            ``zero_mode_position`` (``"first"``: after the momentum layer, default; ``"last"``).
+        condition: ``{}`` for a flow of one action, or ``{"lam": [lo, hi]}`` for a flow
+            conditioned on the quartic coupling over that range (every conditioner gets the
+            normalised coupling as an extra constant channel; the global layers' parameters become
+            quadratics in it); see :meth:`Flow.at`.
+        extra: coupling-specific settings (spline: ``n_bins``, ``spline_bound``).
     """
 
     lattice_shape: tuple[int, ...]
@@ -53,6 +64,9 @@ class FlowConfig:
     equivariant: bool = False
     s_max: float = 4.0
     prior_sigma: float = 1.0
+    momentum: bool = False
+    zero_mode_bins: int = 0
+    condition: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,6 +76,15 @@ class FlowConfig:
             raise ValueError(f"Expected n_layers >= 1; got {self.n_layers}")
         if self.coupling not in COUPLINGS:
             raise ValueError(f"Expected coupling in {sorted(COUPLINGS)}; got {self.coupling!r}")
+        if self.zero_mode_bins < 0 or self.zero_mode_bins == 1:
+            raise ValueError(f"Expected zero_mode_bins 0 or >= 2; got {self.zero_mode_bins}")
+        if self.condition:
+            object.__setattr__(self, "condition", _check_condition(self.condition))
+        if self.extra.get("zero_mode_position", "first") not in ("first", "last"):
+            raise ValueError(
+                "Expected extra['zero_mode_position'] 'first' or 'last'; got "
+                f"{self.extra['zero_mode_position']!r}"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -78,10 +101,30 @@ class FlowConfig:
         return cls(**d)
 
 
+#: polynomial degree in the coupling of the global layers of a conditional flow
+CONDITION_DEGREE = 2
+
+
+def _check_condition(condition: dict) -> dict:
+    if set(condition) != {"lam"}:
+        raise ValueError(f"Expected condition {{'lam': [lo, hi]}}; got {condition!r}")
+    try:
+        lo, hi = (float(v) for v in condition["lam"])
+    except (TypeError, ValueError):
+        raise ValueError(f"Expected condition lam = [lo, hi]; got {condition['lam']!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+        raise ValueError(f"Expected a lam range 0 <= lo < hi; got [{lo}, {hi}]")
+    return {"lam": [lo, hi]}
+
+
+def _n_context(cfg: FlowConfig) -> int:
+    return len(cfg.condition)
+
+
 def _affine_layer(cfg: FlowConfig, parity: int) -> nn.Module:
     net = PeriodicCNN(
         len(cfg.lattice_shape),
-        1,
+        1 + _n_context(cfg),
         2,
         cfg.hidden,
         cfg.kernel_size,
@@ -93,18 +136,20 @@ def _affine_layer(cfg: FlowConfig, parity: int) -> nn.Module:
 
 
 def _spline_layer(cfg: FlowConfig, parity: int) -> nn.Module:
-    """Rational-quadratic spline coupling; ``cfg.extra`` may set ``n_bins`` and ``spline_bound``."""
-    if cfg.equivariant:
-        raise ValueError("Expected equivariant=False for coupling 'spline' (not Z2-odd)")
+    """Rational-quadratic spline coupling; ``cfg.extra`` may set ``n_bins`` and ``spline_bound``.
+
+    ``cfg.equivariant`` gives the Z2-equivariant (symmetrised) spline coupling."""
     n_bins = int(cfg.extra.get("n_bins", 8))
     net = PeriodicCNN(
-        len(cfg.lattice_shape), 1, 3 * n_bins - 1, cfg.hidden, cfg.kernel_size, cfg.activation
+        len(cfg.lattice_shape), 1 + _n_context(cfg), 3 * n_bins - 1, cfg.hidden,
+        cfg.kernel_size, cfg.activation,
     )
     return SplineCoupling(
         checkerboard(cfg.lattice_shape, parity),
         net,
         n_bins=n_bins,
         bound=float(cfg.extra.get("spline_bound", 4.0)),
+        equivariant=cfg.equivariant,
     )
 
 
@@ -115,9 +160,14 @@ COUPLINGS = {"affine": _affine_layer, "spline": _spline_layer}
 class Flow(nn.Module):
     """A normalizing flow: ``prior`` then ``layers`` (prior → field).
 
+    A flow built with ``config.condition = {"lam": [lo, hi]}`` is *conditional*: every method
+    takes the quartic coupling ``lam`` (a float or one value per sample, inside the range) and
+    :meth:`at` gives the flow at one coupling with the plain interface.
+
     Args:
         prior: a prior with ``sample(n, generator=)`` and ``log_prob(z)``.
-        layers: bijections with ``forward(x) -> (y, log_det)`` and ``inverse(y) -> (x, log_det)``.
+        layers: bijections with ``forward(x, context) -> (y, log_det)`` and
+            ``inverse(y, context) -> (x, log_det)`` (``context`` is ``None`` unless conditional).
         config: the :class:`FlowConfig` that built it (kept for checkpoints).
     """
 
@@ -129,32 +179,80 @@ class Flow(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.config = config
         self.lattice_shape = prior.lattice_shape
+        self.condition: dict = dict(config.condition) if config is not None else {}
 
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    @property
+    def is_conditional(self) -> bool:
+        """Whether the flow takes the coupling ``lam`` as an input."""
+        return bool(self.condition)
+
+    @property
+    def lam_range(self) -> tuple[float, float] | None:
+        """The coupling range ``(lo, hi)`` of a conditional flow, else ``None``."""
+        return tuple(self.condition["lam"]) if self.condition else None
+
+    def _context(self, lam: float | Tensor | None, n: int, like: Tensor) -> Tensor | None:
+        """The normalised context ``t = (2 lam - lo - hi) / (hi - lo)`` in [-1, 1], ``(n,)``."""
+        if not self.condition:
+            if lam is not None:
+                raise ValueError(
+                    "Expected no lam for a flow of one action (it is not conditional); got "
+                    f"{lam!r}"
+                )
+            return None
+        if lam is None:
+            raise ValueError(
+                f"Expected lam in {list(self.lam_range)} for this conditional flow; got None"
+            )
+        lo, hi = self.lam_range
+        lam_t = torch.as_tensor(lam, dtype=like.dtype, device=like.device).reshape(-1)
+        if lam_t.numel() == 1:
+            lam_t = lam_t.expand(n)
+        if lam_t.shape != (n,):
+            raise ValueError(f"Expected lam of shape ({n},) or a scalar; got {tuple(lam_t.shape)}")
+        tol = 1e-9 * (hi - lo)
+        if bool(((lam_t < lo - tol) | (lam_t > hi + tol)).any()):
+            bad = float(lam_t[(lam_t < lo - tol) | (lam_t > hi + tol)][0])
+            raise ValueError(
+                f"Expected lam inside the flow's range [{lo:g}, {hi:g}]; got {bad:g}"
+            )
+        return (2.0 * lam_t - (lo + hi)) / (hi - lo)
+
+    def forward(self, z: Tensor, lam: float | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Map prior samples to fields; returns ``(phi, log|det d phi/d z|)``."""
+        ctx = self._context(lam, z.shape[0], z)
         log_det = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         x = z
         for layer in self.layers:
-            x, ld = layer(x)
+            x, ld = layer(x, ctx) if ctx is not None else layer(x)
             log_det = log_det + ld
         return x, log_det
 
-    def inverse(self, phi: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, phi: Tensor, lam: float | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Map fields to prior space; returns ``(z, log|det d z/d phi|)``."""
+        ctx = self._context(lam, phi.shape[0], phi)
         log_det = torch.zeros(phi.shape[0], dtype=phi.dtype, device=phi.device)
         x = phi
         for layer in reversed(self.layers):
-            x, ld = layer.inverse(x)
+            x, ld = layer.inverse(x, ctx) if ctx is not None else layer.inverse(x)
             log_det = log_det + ld
         return x, log_det
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        lam: float | Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Draw ``n`` fields with their exact log density: ``(phi (n, *L), log_q (n,))``."""
         z = self.prior.sample(n, generator=generator)
-        phi, log_det = self(z)
+        phi, log_det = self(z, lam)
         return phi, self.prior.log_prob(z) - log_det
 
-    def from_noise(self, eps: Tensor, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def from_noise(
+        self, eps: Tensor, u: Tensor | None = None, lam: float | Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Map given standard-normal noise to fields: ``(phi (B, *L), log_q (B,))``.
 
         ``sample(n, generator=g)`` equals ``from_noise(torch.randn((n, *L), generator=g))``; the
@@ -166,16 +264,78 @@ class Flow(nn.Module):
                 :meth:`Z2SymmetricFlow.from_noise`).
         """
         z = eps * self.prior.sigma
-        phi, log_det = self(z)
+        phi, log_det = self(z, lam)
         return phi, self.prior.log_prob(z) - log_det
 
     sample_and_log_prob = sample
 
-    def log_prob(self, phi: Tensor) -> Tensor:
+    def log_prob(self, phi: Tensor, lam: float | Tensor | None = None) -> Tensor:
         """Exact :math:`\\log q(\\phi)`, shape ``(B,)``."""
         check_field(phi, self.lattice_shape)
-        z, log_det = self.inverse(phi)
+        z, log_det = self.inverse(phi, lam)
         return self.prior.log_prob(z) + log_det
+
+    def draw_lam(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """Couplings for a training batch of a conditional flow: stratified uniform over the
+        range (one draw in each of ``n`` equal sub-intervals, shuffled), ``(n,)``."""
+        if not self.condition:
+            raise ValueError("Expected a conditional flow (config.condition); this one is not")
+        ref = self.prior._ref
+        lo, hi = self.lam_range
+        u = torch.rand(n, generator=generator, device=ref.device, dtype=ref.dtype)
+        perm = torch.randperm(n, generator=generator, device=ref.device)
+        return lo + (hi - lo) * (perm.to(ref.dtype) + u) / n
+
+    def at(self, lam: float) -> FlowAt:
+        """This conditional flow at one coupling, with the plain (unconditional) interface.
+
+        Raises:
+            ValueError: if the flow is not conditional or ``lam`` is outside its range.
+        """
+        return FlowAt(self, lam)
+
+
+class FlowAt(nn.Module):
+    """A conditional :class:`Flow` at a fixed coupling: ``sample(n, generator=)`` and
+    ``log_prob(phi)`` as for a flow of one action (what samplers and evaluators take).
+
+    Args:
+        flow: a conditional flow.
+        lam: the coupling, inside ``flow.lam_range``.
+    """
+
+    def __init__(self, flow: Flow, lam: float) -> None:
+        super().__init__()
+        if not flow.is_conditional:
+            raise ValueError(
+                "Expected a conditional flow (trained over a lam range); this one is not"
+            )
+        lam = float(lam)
+        lo, hi = flow.lam_range
+        if not lo <= lam <= hi:
+            raise ValueError(f"Expected lam inside the flow's range [{lo:g}, {hi:g}]; got {lam:g}")
+        self.flow = flow
+        self.lam = lam
+        self.lattice_shape = flow.lattice_shape
+        self.config = flow.config
+        self.prior = flow.prior
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow(z, self.lam)
+
+    def inverse(self, phi: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow.inverse(phi, self.lam)
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        return self.flow.sample(n, generator=generator, lam=self.lam)
+
+    def from_noise(self, eps: Tensor, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.flow.from_noise(eps, lam=self.lam)
+
+    sample_and_log_prob = sample
+
+    def log_prob(self, phi: Tensor) -> Tensor:
+        return self.flow.log_prob(phi, self.lam)
 
 
 class Z2SymmetricFlow(nn.Module):
@@ -195,27 +355,37 @@ class Z2SymmetricFlow(nn.Module):
         self.lattice_shape = flow.lattice_shape
         self.config = flow.config
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        phi, log_q = self.flow.sample(n, generator=generator)
+    def sample(
+        self, n: int, *, generator: torch.Generator | None = None, **lam: float | Tensor
+    ) -> tuple[Tensor, Tensor]:
+        phi, log_q = self.flow.sample(n, generator=generator, **lam)
         # q_s(+-phi) = [q(phi) + q(-phi)] / 2 whichever sign is kept: one term is known
-        log_q_sym = torch.logaddexp(log_q, _mirror(self.flow.log_prob(-phi))) - math.log(2.0)
+        log_q_sym = torch.logaddexp(log_q, _mirror(self.flow.log_prob(-phi, **lam))) - math.log(
+            2.0
+        )
         u = torch.rand(n, generator=generator, device=phi.device, dtype=phi.dtype)
         sign = torch.where(u < 0.5, -1.0, 1.0).to(phi.dtype)
         return phi * sign.view(-1, *([1] * len(self.lattice_shape))), log_q_sym
 
     sample_and_log_prob = sample
 
-    def from_noise(self, eps: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    def from_noise(
+        self, eps: Tensor, u: Tensor, **lam: float | Tensor
+    ) -> tuple[Tensor, Tensor]:
         """As :meth:`sample`, from given noise: ``eps (B, *L)`` N(0, 1) for the flow and
         ``u (B,)`` uniforms in [0, 1) for the sign (flipped where ``u < 1/2``)."""
-        phi, log_q = self.flow.from_noise(eps)
-        log_q_sym = torch.logaddexp(log_q, _mirror(self.flow.log_prob(-phi))) - math.log(2.0)
+        phi, log_q = self.flow.from_noise(eps, **lam)
+        log_q_sym = torch.logaddexp(log_q, _mirror(self.flow.log_prob(-phi, **lam))) - math.log(
+            2.0
+        )
         sign = torch.where(u < 0.5, -1.0, 1.0).to(phi.dtype)
         return phi * sign.view(-1, *([1] * len(self.lattice_shape))), log_q_sym
 
-    def log_prob(self, phi: Tensor) -> Tensor:
+    def log_prob(self, phi: Tensor, **lam: float | Tensor) -> Tensor:
         return (
-            torch.logaddexp(self.flow.log_prob(phi), _mirror(self.flow.log_prob(-phi)))
+            torch.logaddexp(
+                self.flow.log_prob(phi, **lam), _mirror(self.flow.log_prob(-phi, **lam))
+            )
             - math.log(2.0)
         )
 
@@ -229,8 +399,21 @@ def _mirror(log_q: Tensor) -> Tensor:
 def build_flow(config: FlowConfig) -> Flow:
     """Construct a :class:`Flow` from its configuration (layers alternate parity 0, 1, 0, ...)."""
     prior = GaussianPrior(config.lattice_shape, config.prior_sigma)
+    degree = CONDITION_DEGREE if config.condition else None
     factory = COUPLINGS[config.coupling]
-    layers = [factory(config, i % 2) for i in range(config.n_layers)]
+    layers: list[nn.Module] = [factory(config, i % 2) for i in range(config.n_layers)]
+    if config.zero_mode_bins:
+        zm = ZeroModeSpline(
+            config.lattice_shape,
+            n_bins=config.zero_mode_bins,
+            bound=float(config.extra.get("zero_mode_bound", 1.5)),
+            odd=True,
+            degree=degree,
+        )
+        first = config.extra.get("zero_mode_position", "first") == "first"
+        layers = [zm, *layers] if first else [*layers, zm]
+    if config.momentum:
+        layers = [MomentumScaling(config.lattice_shape, degree=degree), *layers]
     return Flow(prior, layers, config)
 
 

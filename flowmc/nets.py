@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["PeriodicCNN", "ACTIVATIONS"]
+__all__ = ["PeriodicCNN", "ACTIVATIONS", "with_context"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
@@ -76,3 +77,14 @@ class PeriodicCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+def with_context(x: Tensor, context: Tensor | None) -> Tensor:
+    """Conditioner input: ``x (B, *L)`` as one channel, plus one constant channel per context
+    variable (``context (B,)`` or ``(B, c)``); returns ``(B, 1 + c, *L)``."""
+    x = x.unsqueeze(1)
+    if context is None:
+        return x
+    ctx = context.reshape(x.shape[0], -1).to(x.dtype)
+    planes = ctx.view(*ctx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.cat([x, planes], 1)

@@ -310,7 +310,8 @@ def _adapt(
         },
     )  # fmt: skip
     p = next(base.flow.parameters())
-    adapted = load_model(path, device=p.device, dtype=p.dtype, symmetric=base.symmetric)
+    adapted = load_model(path, device=p.device, dtype=p.dtype, symmetric=base.symmetric,
+                         lam=base.lam)
     sampler.use_model(adapted)
     return sampler.refresh(state), adapted, record
 
@@ -461,7 +462,7 @@ def run_ensemble(
                 )
             p = next(lmodel.flow.parameters())
             lmodel = load_model(adapt_path, device=p.device, dtype=p.dtype,
-                                symmetric=lmodel.symmetric)  # fmt: skip
+                                symmetric=lmodel.symmetric, lam=lmodel.lam)  # fmt: skip
             sampler.use_model(lmodel)
             sha = file_sha256(adapt_path)
         writer = EnsembleWriter.resume(

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowmc.nets import with_context
+
 __all__ = ["rq_spline", "SplineCoupling"]
 
 
@@ -115,17 +117,26 @@ class SplineCoupling(nn.Module):
     :math:`y = m\odot g_\theta(x) + (1-m)\odot x` with :math:`\theta = \mathrm{net}((1-m)\odot x)`
     and :math:`g_\theta` the spline of :func:`rq_spline` (identity outside :math:`[-B, B]`).
 
+    With ``equivariant=True`` the layer commutes with :math:`\phi\to-\phi`: the spline
+    parameters are symmetrised so that :math:`g_{\theta(-c)}(-x) = -g_{\theta(c)}(x)` (see
+    :meth:`_params`); the conditioner then runs on :math:`\pm c`, twice the cost.
+
     Args:
         mask: ``(*L)`` tensor of 0/1, 1 = transformed sites.
-        net: conditioner mapping ``(B, 1, *L)`` to ``(B, 3K-1, *L)``.
+        net: conditioner mapping ``(B, 1 + c, *L)`` to ``(B, 3K-1, *L)`` (``c`` context
+            channels of a conditional flow, see :func:`flowmc.nets.with_context`).
         n_bins: number of spline bins :math:`K`.
         bound: half-width :math:`B` of the spline interval.
+        equivariant: make the layer :math:`\mathbb{Z}_2` equivariant (see above).
 
     Raises:
         ValueError: if ``n_bins < 2`` or ``bound <= 0``.
     """
 
-    def __init__(self, mask: Tensor, net: nn.Module, n_bins: int = 8, bound: float = 4.0) -> None:
+    def __init__(
+        self, mask: Tensor, net: nn.Module, n_bins: int = 8, bound: float = 4.0,
+        equivariant: bool = False,
+    ) -> None:
         super().__init__()
         if n_bins < 2:
             raise ValueError(f"Expected n_bins >= 2; got {n_bins}")
@@ -138,11 +149,30 @@ class SplineCoupling(nn.Module):
         self.net = net
         self.n_bins = int(n_bins)
         self.bound = float(bound)
+        self.equivariant = bool(equivariant)
 
-    def _transform(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _params(self, frozen: Tensor, context: Tensor | None) -> Tensor:
+        r"""Spline parameters ``(B, 3K-1, *L)`` from the frozen sites; Z2-symmetrised if asked:
+        :math:`\theta(c) = \frac12[\mathrm{net}(c) + R\,\mathrm{net}(-c)]`, with :math:`R` the
+        mirror :math:`x\to-x` of a spline (bin widths, heights and knot derivatives reversed),
+        so :math:`\theta(-c) = R\theta(c)` and :math:`g_{\theta(-c)}(-x) = -g_{\theta(c)}(x)`."""
+        if not self.equivariant:
+            return self.net(with_context(frozen, context))
+        ctx = None if context is None else torch.cat([context, context], 0)
+        both = self.net(with_context(torch.cat([frozen, -frozen], 0), ctx))
+        plus, minus = both.chunk(2, 0)
+        k = self.n_bins
+        mirrored = torch.cat(
+            [minus[:, :k].flip(1), minus[:, k : 2 * k].flip(1), minus[:, 2 * k :].flip(1)], 1
+        )
+        return 0.5 * (plus + mirrored)
+
+    def _transform(
+        self, x: Tensor, inverse: bool, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         k = self.n_bins
         frozen = x * (1 - self.mask)
-        params = self.net(frozen.unsqueeze(1))  # (B, 3K-1, *L)
+        params = self._params(frozen, context)  # (B, 3K-1, *L)
         bsz = x.shape[0]
         params = params.flatten(2).index_select(2, self.active).transpose(1, 2)  # (B, A, 3K-1)
         flat = x.flatten(1)
@@ -158,8 +188,8 @@ class SplineCoupling(nn.Module):
         out = flat.index_copy(1, self.active, ya)
         return out.view_as(x), ld.reshape(bsz, -1).sum(1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._transform(x, inverse=False)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._transform(x, False, context)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._transform(y, inverse=True)
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._transform(y, True, context)

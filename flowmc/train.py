@@ -103,6 +103,11 @@ def _proposal(flow: Flow, symmetric: bool) -> Flow | Z2SymmetricFlow:
     return Z2SymmetricFlow(flow) if symmetric else flow
 
 
+def _draw_lam(flow: Flow, n: int, generator: torch.Generator | None) -> dict[str, Tensor]:
+    """``{"lam": (n,)}`` couplings for a conditional flow's batch, ``{}`` otherwise."""
+    return {"lam": flow.draw_lam(n, generator=generator)} if flow.is_conditional else {}
+
+
 def reverse_kl_loss(
     flow: Flow,
     action: Phi4Action,
@@ -113,11 +118,16 @@ def reverse_kl_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Monte Carlo estimate of :math:`F_q = \langle \log q + S\rangle_q` (reparameterised).
 
+    For a flow conditioned on the coupling each sample gets its own :math:`\lambda`, drawn
+    stratified over the flow's range, and the loss is the average over :math:`\lambda` of
+    :math:`F_q(\lambda) = D_{KL}(q_\lambda\|p_\lambda) - \log Z(\lambda)`.
+
     Returns:
         ``(loss, log_p, log_q)`` with ``log_p = -S`` and ``log_q`` of shape ``(batch_size,)``.
     """
-    phi, log_q = _proposal(flow, symmetric).sample(batch_size, generator=generator)
-    log_p = -action(phi)
+    lam = _draw_lam(flow, batch_size, generator)
+    phi, log_q = _proposal(flow, symmetric).sample(batch_size, generator=generator, **lam)
+    log_p = -action(phi, **lam)
     return (log_q - log_p).mean(), log_p, log_q
 
 
@@ -134,15 +144,16 @@ def _path_gradient_loss(
     ``phi = f_theta(z)`` carries the parameter dependence; ``log q`` is then evaluated at ``phi``
     with *detached* parameters, so only ``d(log q + S)/d phi * d phi/d theta`` survives.
     """
+    lam = _draw_lam(flow, batch_size, generator)
     z = flow.prior.sample(batch_size, generator=generator)
-    phi, _ = flow(z)
+    phi, _ = flow(z, **lam)
     if symmetric:
         u = torch.rand(batch_size, generator=generator, device=z.device, dtype=z.dtype)
         phi = phi * torch.where(u < 0.5, -1.0, 1.0).to(z.dtype).view(-1, *([1] * (phi.dim() - 1)))
     wrapper = _LogProb(_proposal(flow, symmetric))
     frozen = {f"proposal.{k}": v.detach() for k, v in wrapper.proposal.named_parameters()}
-    log_q = torch.func.functional_call(wrapper, frozen, (phi,))
-    log_p = -action(phi)
+    log_q = torch.func.functional_call(wrapper, frozen, (phi,), lam)
+    log_p = -action(phi, **lam)
     return (log_q - log_p).mean(), log_p.detach(), log_q.detach()
 
 
@@ -151,8 +162,8 @@ class _LogProb(nn.Module):
         super().__init__()
         self.proposal = proposal
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proposal.log_prob(x)
+    def forward(self, x: Tensor, **lam: Tensor) -> Tensor:
+        return self.proposal.log_prob(x, **lam)
 
 
 class _KLLoss(nn.Module):

@@ -103,6 +103,20 @@ def _override_flow(cfg: FlowConfig, overrides: dict[str, Any]) -> FlowConfig:
     return cfg
 
 
+def _imbalanced(flow: Flow, action: Phi4Action, device: torch.device, seed: int) -> bool:
+    """The Z2 rule on the trained flow; a flow conditioned on lam is checked at both ends and the
+    middle of its range (symmetrised if imbalanced at any of them)."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    if not flow.is_conditional:
+        return needs_symmetrisation(flow, action, generator=gen)
+    lo, hi = flow.lam_range
+    return any(
+        needs_symmetrisation(flow.at(lam), Phi4Action(action.m2, lam, action.lattice_shape),
+                             generator=gen)
+        for lam in (lo, 0.5 * (lo + hi), hi)
+    )
+
+
 def _ancestor(path: Path) -> tuple[dict, dict]:
     """The ``init_from`` checkpoint and its provenance record."""
     ckpt = load_checkpoint(path)
@@ -340,9 +354,7 @@ def train_flow(
         auto = symmetric is None and not train_cfg.symmetric
         auto_symmetrised = False
         if auto:
-            imbalanced = main and needs_symmetrisation(
-                flow, action, generator=torch.Generator(device=device).manual_seed(seed + 1)
-            )
+            imbalanced = main and _imbalanced(flow, action, device, seed)
             if info is not None:
                 imbalanced = distributed.broadcast_flag(imbalanced, device)
             auto_symmetrised = bool(imbalanced)

@@ -29,7 +29,17 @@ CONFIGS = {
     "affine-equivariant": {"coupling": "affine", "equivariant": True},
     "affine-tanh": {"coupling": "affine", "activation": "tanh", "kernel_size": 5},
     "spline": {"coupling": "spline", "extra": {"n_bins": 6, "spline_bound": 2.0}},
+    "spline-equivariant": {"coupling": "spline", "equivariant": True,
+                           "extra": {"n_bins": 6, "spline_bound": 2.0}},
+    "momentum-spline-zeromode": {"coupling": "spline", "momentum": True, "zero_mode_bins": 4,
+                                 "extra": {"n_bins": 6, "spline_bound": 2.0}},
+    "momentum-equivariant-zeromode-last": {
+        "coupling": "spline", "equivariant": True, "momentum": True, "zero_mode_bins": 4,
+        "extra": {"n_bins": 6, "spline_bound": 2.0, "zero_mode_bound": 0.8,
+                  "zero_mode_position": "last"}},
 }
+#: the flows whose every layer is odd (with an even prior: q(-phi) = q(phi))
+EQUIVARIANT = ("affine-equivariant", "spline-equivariant", "momentum-equivariant-zeromode-last")
 
 
 @pytest.fixture(autouse=True)
@@ -47,10 +57,14 @@ def _randomised(kind: str, n_layers: int = 4, shape: tuple[int, ...] = SHAPE, st
     flow = build_flow(FlowConfig(shape, n_layers=n_layers, hidden=(6, 6), **CONFIGS[kind])).to(DT)
     with torch.no_grad():
         for layer in flow.layers:
-            last = layer.net.net[-1]
-            last.weight.normal_(0.0, std)
-            if last.bias is not None:
-                last.bias.normal_(0.0, std)
+            if hasattr(layer, "net"):
+                last = layer.net.net[-1]
+                last.weight.normal_(0.0, std)
+                if last.bias is not None:
+                    last.bias.normal_(0.0, std)
+            else:  # global layers (momentum scaling, zero-mode spline): all parameters
+                for q in layer.parameters():
+                    q.normal_(0.0, std)
     return flow
 
 
@@ -85,7 +99,7 @@ def test_log_det_matches_autograd_jacobian(kind: str) -> None:
                           atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("kind", ["affine", "affine-equivariant", "spline", "spline-equivariant"])
 def test_single_layer_jacobian_structure(kind: str) -> None:
     """Frozen rows are identity; active sites depend only on themselves and frozen sites."""
     layer = _randomised(kind).layers[0]
@@ -114,8 +128,10 @@ def test_checkerboard_masks_and_odd_extent() -> None:
 def test_bad_configs_raise() -> None:
     with pytest.raises(ValueError, match="coupling"):
         FlowConfig(SHAPE, coupling="nope")
-    with pytest.raises(ValueError, match="equivariant=False"):
-        build_flow(FlowConfig(SHAPE, coupling="spline", equivariant=True))
+    with pytest.raises(ValueError, match="zero_mode_bins"):
+        FlowConfig(SHAPE, zero_mode_bins=1)
+    with pytest.raises(ValueError, match="zero_mode_position"):
+        FlowConfig(SHAPE, zero_mode_bins=4, extra={"zero_mode_position": "middle"})
 
 
 def test_spline_is_identity_outside_bound_and_at_init() -> None:
@@ -135,13 +151,16 @@ def test_spline_is_identity_outside_bound_and_at_init() -> None:
     assert (y.diff() > 0).all() and y.diff().max() < 0.1
 
 
-def test_z2_equivariance() -> None:
-    flow = _randomised("affine-equivariant")
+@pytest.mark.parametrize("kind", EQUIVARIANT)
+def test_z2_equivariance(kind: str) -> None:
+    flow = _randomised(kind)
     z = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(5), dtype=DT)
     assert torch.allclose(flow(-z)[0], -flow(z)[0], atol=1e-12)
     phi = flow(z)[0]
     assert torch.allclose(flow.log_prob(-phi), flow.log_prob(phi), atol=1e-10)
-    plain = _randomised("affine")  # negative control
+    plain = _randomised({"affine-equivariant": "affine", "spline-equivariant": "spline"}.get(
+        kind, "momentum-spline-zeromode"))
+    # negative control: the same family without equivariant couplings is not odd
     assert not torch.allclose(plain(-z)[0], -plain(z)[0], atol=1e-6)
 
 

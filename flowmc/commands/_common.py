@@ -33,10 +33,30 @@ def add_action_options(p: argparse.ArgumentParser, required: bool = True) -> Non
                    help=f"lattice extent (all directions), >= {MIN_L}")
     g.add_argument("--dim", type=IntRange(1), default=2, help="number of dimensions (default 2)")
     g.add_argument("--m2", type=float, default=None, help="bare mass squared")
-    g.add_argument("--lam", type=float, default=None, help="quartic coupling lambda >= 0")
+    g.add_argument("--lam", type=lam_value, default=None,
+                   help="quartic coupling lambda >= 0 (flowmc train also takes a range LO:HI: "
+                   "a flow conditioned on lambda)")
     g.add_argument("--kappa", type=float, default=None,
                    help="hopping parameter (instead of m2/lam)")
     g.add_argument("--lam-h", type=float, default=None, help="hopping-form quartic coupling")
+
+
+def lam_value(text: str | float) -> float | tuple[float, float]:
+    """``--lam``: a coupling (``8``) or a range ``LO:HI`` (``4:8``)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    parts = str(text).split(":")
+    try:
+        values = [float(x) for x in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or a range LO:HI; got {text!r}"
+        ) from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) != 2 or not values[0] < values[1]:
+        raise argparse.ArgumentTypeError(f"expected a range LO:HI with LO < HI; got {text!r}")
+    return values[0], values[1]
 
 
 def action_from_args(args: argparse.Namespace) -> Phi4Action:
@@ -55,6 +75,11 @@ def action_from_args(args: argparse.Namespace) -> Phi4Action:
         return Phi4Action.from_hopping(args.kappa, args.lam_h, shape)
     if args.m2 is None or args.lam is None:
         raise ValueError("--m2 and --lam are required (or --kappa and --lam-h)")
+    if isinstance(args.lam, tuple):
+        raise ValueError(
+            f"--lam {args.lam[0]:g}:{args.lam[1]:g} is a range; only flowmc train takes one "
+            "(it trains a flow conditioned on lambda)"
+        )
     return Phi4Action(args.m2, args.lam, shape)
 
 

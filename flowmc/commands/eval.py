@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_common_options(p)
     p.add_argument("--model", type=Path, default=None, help="checkpoint (default: shipped flow)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="the coupling to evaluate a flow conditioned on lambda at")
     p.add_argument("--n", type=int, default=10240, help="number of samples (default 10240)")
     p.add_argument("--batch", type=int, default=1024, help="batch size (default 1024)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON")
@@ -41,9 +43,8 @@ def run(args: argparse.Namespace) -> int:
     report.check_outputs(
         [(args.json, "json", "eval"), (args.plot, "png", "action-vs-effective")], inputs=inputs
     )
-    model = load_model(
-        model_path, device=device, dtype=resolve_dtype(args.dtype), symmetric=args.symmetric
-    )
+    model = load_model(model_path, device=device, dtype=resolve_dtype(args.dtype),
+                       symmetric=args.symmetric, lam=args.lam)
     res = evaluate_model(model, args.n, batch_size=args.batch,
                          generator=make_generator(args.seed, device))  # fmt: skip
     print(report.eval_table(res))

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from flowmc.adapt import AdaptConfig
+from flowmc.checkpoint import load_model
 from flowmc.commands._common import (
     add_ensemble_options,
     add_hmc_options,
@@ -36,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_ensemble_options(p)
     p.add_argument("--model", type=Path, default=None, help="flow checkpoint (default: shipped "
                    "flow for L=8, m2=-4, lam=8)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="the coupling to sample with a flow conditioned on lambda (inside its "
+                   "range; docs/scan.md)")
     p.add_argument("--batch", type=int, default=None,
                    help="flow proposals per chain per flow call (default 1024 for flow MH; 16 "
                    "cycles for the hybrid)")
@@ -66,15 +70,10 @@ def run(args: argparse.Namespace) -> int:
                             reverse_kl=args.adapt_reverse_kl)
     cfg = run_config(args, batch=args.batch, hmc_traj=args.hmc_traj, hmc=hmc_settings(args),
                      adapt=adapt)
-    summary = run_ensemble(
-        args.out,
-        cfg,
-        model=args.model or default_model_path(),
-        symmetric=args.symmetric,
-        device=resolve_device(args.device),
-        dtype=resolve_dtype(args.dtype),
-        **storage,
-    )
+    device = resolve_device(args.device)
+    model = load_model(args.model or default_model_path(), device=device,
+                       dtype=resolve_dtype(args.dtype), symmetric=args.symmetric, lam=args.lam)
+    summary = run_ensemble(args.out, cfg, model=model, device=device, **storage)
     print_run_summary(summary)
     if args.json:
         write_json(args.json, summary)

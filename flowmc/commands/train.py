@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--bins", type=int, default=None, help="spline bins (coupling spline)")
     g.add_argument("--spline-bound", type=float, default=None,
                    help="spline interval [-B, B]; identity outside (coupling spline)")
+    g.add_argument("--momentum", action=argparse.BooleanOptionalAction, default=None,
+                   help="a momentum-space scaling layer first (learned sigma(k) per momentum "
+                   "orbit; docs/recipes.md)")
+    g.add_argument("--zero-mode-bins", type=int, default=None,
+                   help="bins of an odd spline of the magnetisation (0: none)")
     g.add_argument("--equivariant", action=argparse.BooleanOptionalAction, default=None,
                    help="Z2-equivariant couplings")
     g.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
@@ -87,7 +92,8 @@ def _parse_hidden(text: str | None) -> tuple[int, ...] | None:
 _ARCH_FLAGS = {
     "layers": "--layers", "hidden": "--hidden", "kernel": "--kernel", "activation": "--activation",
     "coupling": "--coupling", "prior_sigma": "--prior-sigma", "bins": "--bins",
-    "spline_bound": "--spline-bound", "equivariant": "--equivariant",
+    "spline_bound": "--spline-bound", "equivariant": "--equivariant", "momentum": "--momentum",
+    "zero_mode_bins": "--zero-mode-bins",
 }  # fmt: skip
 
 
@@ -96,6 +102,9 @@ def _action(args: argparse.Namespace) -> Phi4Action | None:
     if args.resume:
         return None
     given = any(getattr(args, k) is not None for k in ("m2", "lam", "kappa", "lam_h"))
+    if isinstance(args.lam, tuple):  # a flow conditioned on lam: the action at the midpoint
+        lo, hi = args.lam
+        return action_from_args(argparse.Namespace(**{**vars(args), "lam": 0.5 * (lo + hi)}))
     if args.init_from is None or given:
         return action_from_args(args)
     if args.L is None:
@@ -128,8 +137,11 @@ def run(args: argparse.Namespace) -> int:
         "activation": args.activation,
         "coupling": args.coupling,
         "equivariant": args.equivariant,
+        "momentum": args.momentum,
+        "zero_mode_bins": args.zero_mode_bins,
         "prior_sigma": args.prior_sigma,
         "extra": {k: v for k, v in extra.items() if v is not None} or None,
+        "condition": {"lam": list(args.lam)} if isinstance(args.lam, tuple) else None,
     }
     res = train_flow(
         _action(args),
