@@ -14,24 +14,40 @@ A checkpoint is a ``torch.save`` dict of plain Python values and tensors (loadab
     trainer_state     optimizer state, step, history, generator state (for resuming)
     resolved_config   the CLI options that made it
     meta              free-form provenance (machine, created, training wall time, ...)
+
+Writing is atomic and durable (:func:`flowmc.durable.write_atomically`: temporary file
+``.<name>.tmp-<pid>``, ``fsync``, rename, ``fsync`` of the directory): a reader sees the previous
+checkpoint or the complete new one, also after a crash or power cut. Reading validates every key
+(:func:`load_checkpoint`), so a damaged or hand-edited file gives one clear error.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import flowmc
+from flowmc import durable, safeio
 from flowmc.action import Phi4Action
 from flowmc.flow import Flow, FlowAt, FlowConfig, Z2SymmetricFlow, build_flow
 from flowmc.shipped import resolve_model_path
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "LoadedModel", "FORMAT"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "claim_output",
+    "check_output",
+    "LoadedModel",
+    "FORMAT",
+]
 
 FORMAT = "flowmc-checkpoint"
 FORMAT_VERSION = 1
@@ -80,21 +96,78 @@ def save_checkpoint(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    try:
+        durable.write_atomically(str(path), buf.getbuffer())
+    except OSError as e:
+        keep = "the previous checkpoint there is unchanged" if path.exists() else "nothing written"
+        err = OSError(f"Cannot write checkpoint {str(path)!r}: {e.strerror or e}; {keep}")
+        err.errno = e.errno
+        raise err from None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+#: Keys of a checkpoint and their types (required ones first).
+_REQUIRED_KEYS = {"flow_config": dict, "model_state": dict, "action": dict}
+_OPTIONAL_KEYS = {
+    "format_version": int,
+    "flowmc_version": str,
+    "symmetric": bool,
+    "train_config": dict,
+    "trainer_state": (dict, type(None)),
+    "resolved_config": dict,
+    "meta": dict,
+}
+_TRAINER_KEYS = {"optimizer": dict, "step": int, "elapsed": (int, float), "history": dict}
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    names = {dict: "a dict", int: "an integer", float: "a number", str: "a string",
+             bool: "a boolean", type(None): "None"}
+    ts = t if isinstance(t, tuple) else (t,)
+    return " or ".join(names.get(x, x.__name__) for x in ts)
+
+
+def _check_keys(d: dict, spec: dict, where: str, *, required: bool) -> None:
+    for key, t in spec.items():
+        if key not in d:
+            if required:
+                raise ValueError(f"{where}: key {key!r} is missing")
+            continue
+        v = d[key]
+        if not isinstance(v, t) or (isinstance(v, bool) and t in (int, (int, float))):
+            raise ValueError(
+                f"{where}: key {key!r} must be {_type_name(t)}; got {type(v).__name__}"
+            )
+
+
+def load_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    require_trainer_state: bool = False,
+) -> dict:
     """Load and validate a checkpoint dict.
+
+    Every key the readers use is checked for presence and type, so a damaged, hand-edited or
+    foreign file gives one clear error rather than a ``KeyError`` deep inside.
+
+    Args:
+        path: the checkpoint.
+        map_location: passed to ``torch.load``.
+        require_trainer_state: also require the optimizer/step/history state that
+            ``flowmc train --resume`` needs.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file is not a flowmc checkpoint or has a newer format.
+        ValueError: if the file is not a flowmc checkpoint, has a newer format, lacks a key or
+            holds one of the wrong type (the message names the file and the key).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model checkpoint not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file, so not a flowmc checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not ours"
@@ -103,12 +176,86 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a flowmc checkpoint (missing format '{FORMAT}')")
-    if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
+    where = f"{path} is not a usable flowmc checkpoint"
+    _check_keys(ckpt, _OPTIONAL_KEYS, where, required=False)
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(
             f"{path} has checkpoint format {ckpt['format_version']}; this flowmc reads "
             f"<= {FORMAT_VERSION} (upgrade flowmc)"
         )
+    _check_keys(ckpt, _REQUIRED_KEYS, where, required=True)
+    bad = [k for k, v in ckpt["model_state"].items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{where}: model_state entry {bad[0]!r} is not a tensor")
+    if require_trainer_state:
+        state = ckpt.get("trainer_state")
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"{path} has no trainer state to resume (optimizer, step, history; e.g. a "
+                "checkpoint written by a script); start a new stage from it with init_from "
+                "(--init-from) instead"
+            )
+        _check_keys(state, _TRAINER_KEYS, f"{where} (trainer_state)", required=True)
+        _check_keys(ckpt, {"train_config": dict}, where, required=True)
     return ckpt
+
+
+def _identify_checkpoint(path: str) -> str | None:
+    """``None`` if the regular file ``path`` is a flowmc checkpoint, else what it is."""
+    info = safeio.sniff(path)  # reads the pickle's opcodes only, never unpickles
+    return None if info.kind == "checkpoint" else f"it is {info.what}"
+
+
+def check_output(path: str | Path, *, force: bool, lock_held: bool = False) -> bool:
+    """Check that ``flowmc train`` may write a new checkpoint to ``path``.
+
+    Without ``force`` the name must be free; with ``force`` only a regular file holding a
+    flowmc checkpoint is replaced (never a directory, device, link or someone's data).
+
+    Returns:
+        Whether ``path`` exists (and will be replaced by the first save).
+
+    Raises:
+        FileExistsError: if ``path`` may not be replaced.
+    """
+    return durable.check_replaceable(
+        str(path), force=force, what="flowmc checkpoint", identify=_identify_checkpoint,
+        lock_held=lock_held,
+    )
+
+
+def claim_output(path: str | Path, *, force: bool = False, resume: bool = False) -> Any:
+    """Take the name ``path`` for one training run; returns the held :class:`NameLock`.
+
+    Checks the replacement policy (:func:`check_output`) unless ``resume``; the lock makes a
+    second ``flowmc train`` of the same ``--out`` fail at once. Release it (or use it as a
+    context manager) when the run ends.
+
+    Raises:
+        FileExistsError: see :func:`check_output`.
+        BlockingIOError: if another process trains into ``path``.
+    """
+    lock = durable.NameLock(str(path)).acquire()
+    try:
+        if not resume:
+            check_output(path, force=force, lock_held=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _config_and_action(ckpt: dict, path: Path) -> tuple[FlowConfig, Phi4Action]:
+    """The checkpoint's flow config and action, with one clear error if either is invalid."""
+    try:
+        config = FlowConfig.from_dict(ckpt["flow_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid flow_config ({e})") from e
+    try:
+        action = Phi4Action.from_params(ckpt["action"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid action ({type(e).__name__}: {e})") from e
+    return config, action
 
 
 class LoadedModel:
@@ -169,18 +316,21 @@ def load_model(
     """
     path = resolve_model_path(path)
     ckpt = load_checkpoint(path)
-    config = FlowConfig.from_dict(ckpt["flow_config"])
+    config, action = _config_and_action(ckpt, path)
     if lattice_shape is not None and tuple(lattice_shape) != tuple(config.lattice_shape):
         raise ValueError(
             f"checkpoint {path} is for lattice {tuple(config.lattice_shape)}; expected "
             f"{tuple(lattice_shape)}"
         )
     flow = build_flow(config)
-    flow.load_state_dict(ckpt["model_state"])
+    try:
+        flow.load_state_dict(ckpt["model_state"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: model_state does not fit its flow_config ({first})") from e
     flow.to(device=device, dtype=dtype).eval()
     for p in flow.parameters():
         p.requires_grad_(False)
-    action = Phi4Action.from_params(ckpt["action"])
     if flow.is_conditional:
         lo, hi = flow.lam_range
         if lam is None:

@@ -60,7 +60,7 @@ import flowmc
 from flowmc import hmc
 from flowmc.adapt import AdaptConfig, Adapter
 from flowmc.checkpoint import LoadedModel, load_checkpoint, load_model, save_checkpoint
-from flowmc.ensemble import EnsembleWriter, file_sha256, open_ensemble
+from flowmc.ensemble import EnsembleWriter, check_output, file_sha256, open_ensemble
 from flowmc.flow import Z2SymmetricFlow
 from flowmc.rng import RNG_SCHEME, ChainRNG, run_generator
 from flowmc.samplers import (
@@ -483,11 +483,7 @@ def run_ensemble(
         ctr.load(attrs, arrays)
         steps_done, block_start = int(attrs["steps_done"]), int(attrs["block_start"])
     else:
-        if os.path.lexists(out) and not force:
-            raise FileExistsError(
-                f"Refusing to overwrite existing file {str(out)!r}; pass --force (force=True) "
-                "to replace it, or --resume to continue it"
-            )
+        check_output(out, force=force)  # the --force policy, before the warm-up
         if adapt_path is not None:
             _check_adapted_target(adapt_path, out)
         t0 = time.perf_counter()

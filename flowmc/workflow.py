@@ -26,6 +26,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,7 +35,13 @@ import torch
 
 from flowmc import distributed
 from flowmc.action import Phi4Action
-from flowmc.checkpoint import load_checkpoint, machine_info, save_checkpoint
+from flowmc.checkpoint import (
+    check_output,
+    claim_output,
+    load_checkpoint,
+    machine_info,
+    save_checkpoint,
+)
 from flowmc.ensemble import file_sha256
 from flowmc.evaluate import needs_symmetrisation
 from flowmc.flow import Flow, FlowConfig, Z2SymmetricFlow, build_flow, transfer_state_dict
@@ -195,7 +202,9 @@ def train_flow(
         ValueError: on inconsistent arguments (both ``resume`` and ``init_from``, architecture
             overrides with a stored architecture, a lattice mismatch, a global batch that the
             number of ranks does not divide, ...).
-        FileExistsError: if ``out`` exists and neither ``resume`` nor ``force`` is set.
+        FileExistsError: if ``out`` exists and neither ``resume`` nor ``force`` is set, or
+            ``force`` is set but ``out`` is not a regular file holding a flowmc checkpoint.
+        BlockingIOError: if another process trains into ``out``.
         FileNotFoundError: if the checkpoint to resume or to start from does not exist.
         RuntimeError: if training stops on repeated non-finite losses.
     """
@@ -215,17 +224,25 @@ def train_flow(
             f"Expected no architecture options: the architecture comes from {source}; got "
             f"{sorted(flow_over) or ['flow_config']}"
         )
-    with distributed.process_group(device, timeout_s=timeout_s) as info:
+    with distributed.process_group(device, timeout_s=timeout_s) as info, ExitStack() as held:
         rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
         local = info.local_rank if info is not None else 0
         device = distributed.rank_device(device, local, world)
         main = rank == 0
+        if out is not None:
+            # --force replaces only a flowmc checkpoint, never a directory, device, link or
+            # other data; rank 0 holds the name for the whole run (a second training of the
+            # same out fails at once). Every rank checks the policy, so that all fail alike.
+            if not resume:
+                check_output(out, force=force, lock_held=not main)
+            if main:
+                held.enter_context(claim_output(out, force=force, resume=resume))
         ancestor: dict | None = None
         prev_meta: dict = {}
         trainer_state: dict | None = None
         record = dict(record or {})
         if resume:
-            ckpt = load_checkpoint(out)
+            ckpt = load_checkpoint(out, require_trainer_state=True)
             stored = Phi4Action.from_params(ckpt["action"])
             if action is not None and action != stored:
                 raise ValueError(
@@ -256,10 +273,6 @@ def train_flow(
                     file=sys.stderr,
                 )
         else:
-            if out is not None and out.exists() and not force:
-                raise FileExistsError(
-                    f"{out} exists; use --force to overwrite or --resume to continue"
-                )
             if action is None:
                 raise ValueError("Expected an action (the target to train for)")
             shape = tuple(action.lattice_shape)

@@ -260,9 +260,16 @@ def test_never_overwrite_without_force(tmp_path: Path) -> None:
         _create(path)
     with open_ensemble(path) as ens:
         assert ens.n == 1  # untouched
-    _create(path, force=True).close()
+    _create(path, force=True).close()  # closed before its first commit: nothing replaced
     with open_ensemble(path) as ens:
-        assert ens.n == 0
+        assert ens.n == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]  # no temp or lock file left
+    with _create(path, force=True) as w:
+        with open_ensemble(path) as ens:  # the old file stays until the first commit
+            assert ens.n == 1
+        w.save_state(_state(0))
+    with open_ensemble(path) as ens:
+        assert ens.n == 0 and ens.has_state
 
 
 def test_bad_files(tmp_path: Path) -> None:
@@ -367,10 +374,12 @@ def test_file_sha256(tmp_path: Path) -> None:
 
 _KILL_WRITER = textwrap.dedent(
     """
-    import importlib.util, sys, time
+    import os, sys, time, types
     import numpy as np
-    spec = importlib.util.spec_from_file_location("ens", sys.argv[1])  # skip importing torch
-    ens = importlib.util.module_from_spec(spec); spec.loader.exec_module(ens)
+    pkg = types.ModuleType("flowmc")  # a bare package: skips flowmc/__init__ (and torch)
+    pkg.__path__ = [os.path.dirname(sys.argv[1])]
+    sys.modules["flowmc"] = pkg
+    import flowmc.ensemble as ens
     C, L, k = 3, (6, 6), 4
     w = ens.EnsembleWriter.create(sys.argv[2], lattice_shape=L, n_chains=C, action={}, sampler={},
                                   scalar_names=["action", "accepted"], chunk_size=16)

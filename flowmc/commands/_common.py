@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from flowmc.action import Phi4Action
+from flowmc.config import NON_NEGATIVE, POSITIVE, IntRange
+from flowmc.ensemble import check_output
 from flowmc.run import HMCSettings, RunConfig
 from flowmc.shipped import (  # noqa: F401 - re-exported for the subcommands
     DEFAULT_MODEL,
@@ -16,20 +18,26 @@ from flowmc.shipped import (  # noqa: F401 - re-exported for the subcommands
     default_model_path,
 )
 
+#: Smallest lattice extent of the commands that build an action (train, hmc): with L = 1 every
+#: site is its own neighbour (no kinetic term) and no distance-1 correlator exists, so
+#: ``flowmc analyze`` could not analyse the ensemble.
+MIN_L = 2
+_L_TYPE = IntRange(MIN_L, why="a periodic lattice needs distinct neighbours")
+
 
 def add_action_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group(
         "action (S = sum_n [sum_mu (2 phi^2 - 2 phi phi_+mu) + m2 phi^2 + lam phi^4])"
     )
-    g.add_argument("--L", type=int, default=None, help="lattice extent (all directions)")
-    g.add_argument("--dim", type=int, default=2, help="number of dimensions (default 2)")
+    g.add_argument("--L", type=_L_TYPE, default=None,
+                   help=f"lattice extent (all directions), >= {MIN_L}")
+    g.add_argument("--dim", type=IntRange(1), default=2, help="number of dimensions (default 2)")
     g.add_argument("--m2", type=float, default=None, help="bare mass squared")
     g.add_argument("--lam", type=lam_value, default=None,
                    help="quartic coupling lambda >= 0 (flowmc train also takes a range LO:HI: "
                    "a flow conditioned on lambda)")
-    g.add_argument(
-        "--kappa", type=float, default=None, help="hopping parameter (instead of m2/lam)"
-    )
+    g.add_argument("--kappa", type=float, default=None,
+                   help="hopping parameter (instead of m2/lam)")
     g.add_argument("--lam-h", type=float, default=None, help="hopping-form quartic coupling")
 
 
@@ -54,8 +62,10 @@ def lam_value(text: str | float) -> float | tuple[float, float]:
 def action_from_args(args: argparse.Namespace) -> Phi4Action:
     if args.L is None:
         raise ValueError("--L is required (lattice extent)")
-    if args.L < 1:
-        raise ValueError(f"Expected --L >= 1; got {args.L}")
+    try:
+        _L_TYPE.check(args.L)
+    except ValueError as e:
+        raise ValueError(f"--L: {e}") from None
     shape = (args.L,) * args.dim
     if args.kappa is not None or args.lam_h is not None:
         if args.m2 is not None or args.lam is not None:
@@ -75,17 +85,18 @@ def action_from_args(args: argparse.Namespace) -> Phi4Action:
 
 def add_ensemble_options(p: argparse.ArgumentParser) -> None:
     """Options of every command that writes an HDF5 ensemble (flowmc sample, flowmc hmc)."""
-    p.add_argument("--n", type=int, default=None, help="configurations per chain (target)")
+    p.add_argument("--n", type=POSITIVE, default=None, help="configurations per chain (target)")
     p.add_argument("--out", type=Path, default=None, help="ensemble file (.h5)")
-    p.add_argument("--chains", type=int, default=1, help="independent chains (default 1)")
-    p.add_argument("--thin", type=int, default=1, help="record every THIN-th step")
-    p.add_argument("--therm", type=int, default=0,
+    p.add_argument("--chains", type=POSITIVE, default=1, help="independent chains (default 1)")
+    p.add_argument("--thin", type=POSITIVE, default=1, help="record every THIN-th step")
+    p.add_argument("--therm", type=NON_NEGATIVE, default=0,
                    help="steps discarded per chain after warm-up, before the first record")
-    p.add_argument("--chunk", type=int, default=None,
+    p.add_argument("--chunk", type=POSITIVE, default=None,
                    help="recorded rows per commit to the file (default: every flow call for "
                    "flow MH, 100 otherwise)")
     p.add_argument("--resume", action="store_true", help="continue --out to the new --n")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing flowmc ensemble --out (at the first commit)")
     p.add_argument("--no-configs", action="store_true", help="store per-config scalars only")
     p.add_argument("--store-dtype", choices=["float32", "float64"], default="float32",
                    help="storage dtype of configurations")
@@ -143,6 +154,8 @@ def storage_kwargs(args: argparse.Namespace, command: str) -> dict:
 
     if args.n is None or args.out is None:
         raise ValueError("--n and --out are required")
+    if not args.resume:  # fail before loading a model or warming up
+        check_output(args.out, force=args.force)
     return {
         "resume": args.resume,
         "force": args.force,

@@ -12,6 +12,7 @@ from flowmc.commands._common import action_from_args, add_action_options
 from flowmc.config import (
     add_common_options,
     apply_threads,
+    int_list,
     resolve_device,
     resolve_dtype,
     resolved,
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="base recipe")
     g = p.add_argument_group("flow (overrides the recipe)")
     g.add_argument("--layers", type=int, default=None, help="number of coupling layers")
-    g.add_argument("--hidden", type=str, default=None, help="hidden channels, e.g. 8,8")
+    g.add_argument("--hidden", type=int_list, default=None, help="hidden channels, e.g. 8,8")
     g.add_argument("--kernel", type=int, default=None, help="odd conv kernel size")
     g.add_argument("--activation", default=None, help="leaky_relu, tanh, gelu, silu, relu")
     g.add_argument("--coupling", default=None, help="coupling type: affine or spline")
@@ -65,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from this checkpoint's architecture and weights, on --L (may differ "
                    "from its lattice: transfer L -> 2L); --m2/--lam default to its action's")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing flowmc checkpoint --out (nothing else)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--plot", type=Path, default=None,
                    help="training-curve PNG (default: OUT with suffix .train.png, e.g. "
