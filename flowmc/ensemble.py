@@ -114,7 +114,7 @@ def _flowmc_version() -> str:
     try:  # pragma: no cover - only when this file is loaded outside the package
         from importlib.metadata import version as _v
 
-        return _v("flowmc")
+        return _v("flowmc-lattice")
     except Exception:  # pragma: no cover
         return "unknown"
 
