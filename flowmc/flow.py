@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from flowmc.action import check_field
 from flowmc.couplings import AffineCoupling, checkerboard
-from flowmc.nets import PeriodicCNN
+from flowmc.nets import Blur, PeriodicCNN
 from flowmc.prior import GaussianPrior
 from flowmc.spectral import MomentumScaling, ZeroModeSpline
 from flowmc.splines import SplineCoupling
@@ -52,7 +52,9 @@ class FlowConfig:
             conditioned on the quartic coupling over that range (every conditioner gets the
             normalised coupling as an extra constant channel; the global layers' parameters become
             quadratics in it); see :meth:`Flow.at`.
-        extra: coupling-specific settings (spline: ``n_bins``, ``spline_bound``).
+        extra: coupling-specific settings (spline: ``n_bins``, ``spline_bound``,
+            ``out_kernel``: kernel size of the conditioner's output layer, ``blur``: widths of
+            smoothed copies of the frozen field fed to the conditioner, 0 for its mean).
     """
 
     lattice_shape: tuple[int, ...]
@@ -140,9 +142,11 @@ def _spline_layer(cfg: FlowConfig, parity: int) -> nn.Module:
 
     ``cfg.equivariant`` gives the Z2-equivariant (symmetrised) spline coupling."""
     n_bins = int(cfg.extra.get("n_bins", 8))
+    widths = cfg.extra.get("blur", [])
+    blur = Blur(cfg.lattice_shape, widths) if widths else None
     net = PeriodicCNN(
-        len(cfg.lattice_shape), 1 + _n_context(cfg), 3 * n_bins - 1, cfg.hidden,
-        cfg.kernel_size, cfg.activation,
+        len(cfg.lattice_shape), 1 + len(widths) + _n_context(cfg), 3 * n_bins - 1, cfg.hidden,
+        cfg.kernel_size, cfg.activation, out_kernel_size=cfg.extra.get("out_kernel"),
     )
     return SplineCoupling(
         checkerboard(cfg.lattice_shape, parity),
@@ -150,6 +154,7 @@ def _spline_layer(cfg: FlowConfig, parity: int) -> nn.Module:
         n_bins=n_bins,
         bound=float(cfg.extra.get("spline_bound", 4.0)),
         equivariant=cfg.equivariant,
+        blur=blur,
     )
 
 
