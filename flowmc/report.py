@@ -188,6 +188,7 @@ ANALYSIS_LABELS = {
     "energy": "E (Ising)",
     "xi2": "xi_2 (2nd mom.)",
     "action_density": "S/V",
+    "phi4": "<phi^4> per site",
     "sd_check": "SD check (=1)",
     "exp_minus_delta_h": "<exp(-dH)> (=1)",
     "frac_m_positive": "frac(m > 0)",
