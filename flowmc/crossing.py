@@ -11,8 +11,10 @@ a scan are independent runs); :func:`pairwise_crossings` does it for every pair 
 :math:`i` and :math:`i+1` where :math:`d` changes sign. If it never does, there is **no crossing
 inside** :math:`[\lambda_1, \lambda_K]` (reported, with the point of closest approach in units
 of :math:`\sigma_d`); if it does more than once (noise, or several crossings), the most
-significant bracket (largest :math:`|d_i|/\sigma_{d,i} + |d_{i+1}|/\sigma_{d,i+1}`) is used
-and a note says so.
+significant bracket is used — the one that best splits the grid into :math:`d < 0` on one side
+and :math:`d > 0` on the other (largest :math:`\pm(\sum_{j > i} z_j - \sum_{j \le i} z_j)`,
+:math:`z_j = d_j/\sigma_{d,j}`, sign by the direction of the change), robust to an isolated
+noisy flip — and a note says so.
 
 **Interpolation** (``method``):
 
@@ -304,7 +306,16 @@ def find_crossing(
             ),
         )  # fmt: skip
     notes: list[str] = []
-    i = max(brackets, key=lambda j: (z[j] + z[j + 1], -j)) if len(brackets) > 1 else brackets[0]
+    i = brackets[0]
+    if len(brackets) > 1:  # the sign change that best splits the grid into d < 0 and d > 0
+        zs = d / np.where(s_d > 0, s_d, 1.0)
+        cum = np.cumsum(zs)
+
+        def score(j: int) -> float:
+            rising = 1.0 if d[j + 1] > d[j] else -1.0
+            return rising * ((cum[-1] - cum[j]) - cum[j])
+
+        i = max(brackets, key=lambda j: (score(j), -j))
     if len(brackets) > 1:
         notes.append(
             f"the difference changes sign in {len(brackets)} grid intervals (noise, or several "
@@ -330,18 +341,18 @@ def find_crossing(
     # linear propagation: central differences in every input that the interpolation uses
     sig = np.concatenate([ea, eb])
     grad_lam, grad_val = np.zeros(2 * k), np.zeros(2 * k)
-    for j in range(2 * k):
-        if sig[j] == 0:
-            continue
-        h = 1e-4 * sig[j]
-        rep = np.tile(np.concatenate([a, b]), (2, 1))
-        rep[0, j] += h
-        rep[1, j] -= h
+    idx = np.nonzero(sig > 0)[0]
+    if idx.size:
+        h = 1e-4 * sig[idx]
+        rep = np.tile(np.concatenate([a, b]), (2 * idx.size, 1))
+        rows = np.arange(idx.size)
+        rep[2 * rows, idx] += h
+        rep[2 * rows + 1, idx] -= h
         ra, rb = rep[:, :k], rep[:, k:]
         lr = interp.roots(rb - ra)
         vr = interp.values(0.5 * (ra + rb), lr)
-        grad_lam[j] = (lr[0] - lr[1]) / (2 * h)
-        grad_val[j] = (vr[0] - vr[1]) / (2 * h)
+        grad_lam[idx] = (lr[0::2] - lr[1::2]) / (2 * h)
+        grad_val[idx] = (vr[0::2] - vr[1::2]) / (2 * h)
     err_lin = float(math.sqrt(np.nansum((grad_lam * sig) ** 2)))
     val_err_lin = float(math.sqrt(np.nansum((grad_val * sig) ** 2)))
 

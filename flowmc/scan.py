@@ -249,7 +249,7 @@ class ScanOptions:
     logz_n: int = 10240
     logz_batch: int = 1024
     ti_anchor: str = "auto"
-    ti_rule: str = "trapezoid"
+    ti_rule: str = "quadratic"
     crossing_method: str = "quadratic"
     crossing_window: int = 4
     n_boot: int = 2000

@@ -98,8 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--ti-anchor", choices=list(TI_ANCHORS), default="auto",
                    help="start of the thermodynamic integration: free (lam = 0, m2 > 0), flow "
                    "(the best flow point), auto (free if m2 > 0, else flow), none")
-    a.add_argument("--ti-rule", choices=list(RULES), default="trapezoid",
-                   help="integration rule over the grid (default trapezoid)")
+    a.add_argument("--ti-rule", choices=list(RULES), default="quadratic",
+                   help="integration rule over the grid (default quadratic; its error estimate "
+                   "is the difference to the trapezoid rule)")
     a.add_argument("--crossing", choices=list(METHODS), default="quadratic",
                    help="interpolation of the crossing (default quadratic)")
     a.add_argument("--crossing-window", type=IntRange(3), default=4,
