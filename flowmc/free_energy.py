@@ -48,6 +48,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -196,8 +197,14 @@ def integration_weights(lams: Sequence[float] | np.ndarray, rule: str = "trapezo
         raise ValueError(f"Expected a strictly increasing grid of >= 2 finite couplings; got {x}")
     if rule not in RULES:
         raise ValueError(f"Expected rule in {RULES}; got {rule!r}")
-    w = np.zeros((x.size, x.size))
-    w[1:] = np.cumsum(_interval_weights(x, rule), axis=0)
+    return _weights(tuple(float(v) for v in x), rule).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _weights(x: tuple[float, ...], rule: str) -> np.ndarray:
+    grid = np.asarray(x)
+    w = np.zeros((grid.size, grid.size))
+    w[1:] = np.cumsum(_interval_weights(grid, rule), axis=0)
     return w
 
 

@@ -170,7 +170,8 @@ def write_csv(
     per row (missing and non-finite values empty; floats with all their digits).
 
     Read it with ``pandas.read_csv(path, comment="#")`` or
-    ``numpy.genfromtxt(path, delimiter=",", names=True)``. The rules of :func:`write_json`
+    ``numpy.genfromtxt(path, delimiter=",", names=True, skip_header=1, dtype=None)``. The rules
+    of :func:`write_json`
     apply (it replaces only an earlier CSV report of the same kind).
 
     Returns:

@@ -126,19 +126,20 @@ def parse_lams(spec: str | float | Sequence[float]) -> tuple[float, ...]:
         values = [float(spec)]
     elif isinstance(spec, str):
         text = spec.strip()
+        parts = text.split(":")
         try:
-            if ":" in text:
-                parts = text.split(":")
-                if len(parts) != 3:
-                    raise ValueError
+            if len(parts) == 3:
                 lo, hi, n = float(parts[0]), float(parts[1]), int(parts[2])
-                if n < 2 or not lo < hi:
-                    raise ValueError(f"{want} with N >= 2 and LO < HI; got {spec!r}")
-                values = [float(v) for v in np.linspace(lo, hi, n)]
-            else:
+            elif len(parts) == 1:
                 values = [float(v) for v in text.split(",") if v.strip()]
-        except ValueError as exc:
-            raise ValueError(str(exc) or f"{want}; got {spec!r}") from None
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{want}; got {spec!r}") from None
+        if len(parts) == 3:
+            if n < 2 or not lo < hi:
+                raise ValueError(f"{want} with N >= 2 and LO < HI; got {spec!r}")
+            values = [float(v) for v in np.linspace(lo, hi, n)]
     else:
         try:
             values = [float(v) for v in spec]
