@@ -416,7 +416,7 @@ def _run_settings(run: RunConfig) -> dict:
     return d
 
 
-def _manifest(config: ScanConfig, sizes: list[_Size], m2: float) -> dict:
+def _manifest(config: ScanConfig, sizes: list[_Size], m2: float, dtype: torch.dtype) -> dict:
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -428,6 +428,7 @@ def _manifest(config: ScanConfig, sizes: list[_Size], m2: float) -> dict:
         "models": {str(s.L): s.model_record for s in sizes},
         "anchor_models": {str(s.L): s.anchor_record for s in sizes if s.anchor_record},
         "run": _run_settings(config.run),
+        "flow_dtype": str(dtype).replace("torch.", ""),
         "points": [
             {"L": s.L, "lam": lam, "name": point_name(s.L, lam),
              "seed": point_seed(config.run.seed, s.L, i)}
@@ -627,7 +628,7 @@ def run_scan(
     log = _log(progress)
     sizes, m2 = _plan(config)
     _check_options(options, sizes, m2)
-    man = _manifest(config, sizes, m2)
+    man = _manifest(config, sizes, m2, fdtype)
     stored = _check_directory(out, man)
     out.mkdir(parents=True, exist_ok=True)
     lock = NameLock(out / MANIFEST).acquire()
