@@ -74,6 +74,7 @@ __all__ = [
     "run_scan",
     "summarize_scan",
     "parse_lams",
+    "parse_models",
     "point_name",
     "point_seed",
     "MANIFEST",
@@ -165,6 +166,66 @@ def point_seed(seed: int, L: int, index: int, stream: int = 0) -> int:
     stream))`` as a 63-bit integer (stream 0: the Markov chains, 1: the flow's log Z draws)."""
     ss = np.random.SeedSequence(int(seed), spawn_key=(int(L), int(index), int(stream)))
     return int(ss.generate_state(1, dtype=np.uint64)[0]) & (2**63 - 1)
+
+
+def parse_models(
+    tokens: list[str] | None, sizes: list[int], flag: str, *, every: bool
+) -> dict[int, str | None]:
+    """Flows per size from ``--model``-style values: paths in the order of ``sizes``, or
+    ``L=PATH`` items (comma-separated or not); ``hmc`` (any case) stands for no flow (local HMC).
+
+    Args:
+        tokens: the values (``None`` or empty: no flows).
+        sizes: the lattice sizes, in the order the paths pair with.
+        flag: the option's name, for messages.
+        every: require an entry for every size (``L=PATH`` form).
+
+    Returns:
+        ``{L: path or None}``.
+
+    Raises:
+        ValueError: on a malformed item, an unknown or repeated size, mixed forms, a count that
+            does not match ``sizes``, or (with ``every``) a size without an entry.
+
+    Example:
+        >>> parse_models(["8=a.pt,16=hmc"], [8, 16], "--model", every=True)
+        {8: 'a.pt', 16: None}
+    """
+    if not tokens:
+        return {}
+    items: list[str] = []
+    for t in tokens:
+        items += [x for x in str(t).split(",") if x] if "=" in str(t) else [str(t)]
+    keyed = ["=" in it for it in items]
+    out: dict[int, str | None] = {}
+    if all(keyed):
+        for it in items:
+            key, _, value = it.partition("=")
+            try:
+                L = int(key)
+            except ValueError:
+                raise ValueError(f"{flag}: expected L=PATH; got {it!r}") from None
+            if L not in sizes:
+                raise ValueError(f"{flag}: L={L} is not one of the sizes --L {sizes}")
+            if L in out:
+                raise ValueError(f"{flag}: L={L} given twice")
+            if not value:
+                raise ValueError(f"{flag}: expected L=PATH; got {it!r}")
+            out[L] = None if value.lower() == "hmc" else value
+        missing = [L for L in sizes if L not in out]
+        if every and missing:
+            raise ValueError(
+                f"{flag} gives no flow for L = {missing} (give L=PATH for every --L, or L=hmc)"
+            )
+        return out
+    if any(keyed):
+        raise ValueError(f"{flag}: give either paths in the order of --L or L=PATH items, not both")
+    if len(items) != len(sizes):
+        raise ValueError(
+            f"Expected one {flag} per --L ({len(sizes)}: {' '.join(map(str, sizes))}); got "
+            f"{len(items)} (or give L=PATH items)"
+        )
+    return {L: (None if v.lower() == "hmc" else v) for L, v in zip(sizes, items)}
 
 
 # ============================================================================ configuration

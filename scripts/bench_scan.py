@@ -55,7 +55,7 @@ from flowmc.checkpoint import load_checkpoint
 from flowmc.flow import build_flow
 from flowmc.recipes import get_recipe
 from flowmc.run import HMCSettings, RunConfig
-from flowmc.scan import ScanConfig, ScanOptions, parse_lams, run_scan
+from flowmc.scan import ScanConfig, ScanOptions, parse_lams, parse_models, run_scan
 from flowmc.train import Trainer
 from flowmc.workflow import train_flow
 
@@ -287,8 +287,6 @@ def part_cost(args: argparse.Namespace, work: Path, model: Path, training: dict,
 
 
 def _models(spec: str, sizes: list[int]) -> dict[int, str | None]:
-    from flowmc.commands.scan import parse_models
-
     return parse_models([spec], sizes, "--crit-models", every=True)
 
 

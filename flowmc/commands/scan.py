@@ -30,6 +30,7 @@ from flowmc.scan import (
     ScanConfig,
     ScanOptions,
     parse_lams,
+    parse_models,
     run_scan,
 )
 
@@ -118,48 +119,6 @@ def _interrupted(args: argparse.Namespace) -> str:
         f"interrupted; {where} keeps every finished point and the committed rows of the "
         "current one; rerun the same command to continue the scan"
     )
-
-
-def parse_models(
-    tokens: list[str] | None, sizes: list[int], flag: str, *, every: bool
-) -> dict[int, str | None]:
-    """``--model``/``--anchor-model`` values: paths in the order of ``--L``, or ``L=PATH``
-    items (comma-separated or not); ``hmc`` (any case) stands for no flow."""
-    if not tokens:
-        return {}
-    items: list[str] = []
-    for t in tokens:
-        items += [x for x in str(t).split(",") if x] if "=" in str(t) else [str(t)]
-    keyed = ["=" in it for it in items]
-    out: dict[int, str | None] = {}
-    if all(keyed):
-        for it in items:
-            key, _, value = it.partition("=")
-            try:
-                L = int(key)
-            except ValueError:
-                raise ValueError(f"{flag}: expected L=PATH; got {it!r}") from None
-            if L not in sizes:
-                raise ValueError(f"{flag}: L={L} is not one of the sizes --L {sizes}")
-            if L in out:
-                raise ValueError(f"{flag}: L={L} given twice")
-            if not value:
-                raise ValueError(f"{flag}: expected L=PATH; got {it!r}")
-            out[L] = None if value.lower() == "hmc" else value
-        missing = [L for L in sizes if L not in out]
-        if every and missing:
-            raise ValueError(
-                f"{flag} gives no flow for L = {missing} (give L=PATH for every --L, or L=hmc)"
-            )
-        return out
-    if any(keyed):
-        raise ValueError(f"{flag}: give either paths in the order of --L or L=PATH items, not both")
-    if len(items) != len(sizes):
-        raise ValueError(
-            f"Expected one {flag} per --L ({len(sizes)}: {' '.join(map(str, sizes))}); got "
-            f"{len(items)} (or give L=PATH items)"
-        )
-    return {L: (None if v.lower() == "hmc" else v) for L, v in zip(sizes, items)}
 
 
 def run(args: argparse.Namespace) -> int:
