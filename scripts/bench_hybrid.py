@@ -179,7 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "same number of rows, the smallest, the extra first rows discarded")
     p.add_argument("--max-n", type=int, default=None,
                    help="with a fixed --n: while a tau_int (chi2, |m|) is unreliable, double the "
-                   "rows of every method of the point (resume) up to MAX_N")
+                   "rows of every method of the point (resume), as long as 2n <= MAX_N")
     p.add_argument("--chains", type=int, default=4, help="chains per method (default 4)")
     p.add_argument("--discard-frac", type=float, default=0.05,
                    help="fraction of the analysed rows discarded at the start (default 0.05)")
@@ -418,15 +418,38 @@ class Method:
         return float(ensemble_cost(self.path)["wall_time_s"])
 
 
-def run_for_seconds(m: Method, seconds: float, n0: int, *, force: bool, progress: bool) -> None:
-    """Grow ``m`` (resume) until its sampling wall time reaches ``seconds``."""
-    n = n0
+def block_size(n: int, want: int) -> int:
+    """Rows per flow call for a run of ``n`` rows: ``want`` or less, dividing ``n`` if possible.
+
+    A run whose target ends inside a block computes the whole block, and a resumed run redoes
+    it: both count in the sampling wall time. A block that divides ``n`` (hence ``2n``, ...)
+    wastes nothing. Returns the largest divisor of ``n`` in ``[want/2, want]``, else ``want``
+    (``n`` itself if ``n < want``).
+    """
+    if n <= want:
+        return n
+    for b in range(want, (want + 1) // 2 - 1, -1):
+        if n % b == 0:
+            return b
+    return want
+
+
+def run_for_seconds(
+    m: Method, seconds: float, n0: int, *, block: int = 1, force: bool, progress: bool
+) -> None:
+    """Grow ``m`` (resume) until its sampling wall time reaches ``seconds``; ``n`` stays a
+    multiple of ``block`` (whole flow calls, see :func:`block_size`)."""
+
+    def whole(n: int) -> int:
+        return block * max(1, math.ceil(n / block))
+
+    n = whole(n0)
     for _ in range(16):
         m.run(n, force=force, progress=progress)
         spent = m.sampling_seconds()
         if spent >= 0.97 * seconds:
             return
-        n = max(n + 1, min(20 * n, math.ceil(n * seconds / max(spent, 1e-3))))
+        n = whole(max(n + 1, min(20 * n, math.ceil(n * seconds / max(spent, 1e-3)))))
 
 
 def record(m: Method, n_common: int, discard_frac: float, integrator: str) -> dict:
@@ -553,9 +576,10 @@ class PointRun:
                        "command_line": " ".join(sys.argv)},
                       info={"traj_length": tau, "flip": flip})  # fmt: skip
 
-    def flow_method(self, k: int, model: LoadedModel, tau: float, n_first: int) -> Method:
+    def flow_method(self, k: int, model: LoadedModel, tau: float, n: int) -> Method:
         a, label = self.args, _flow_label(k)
-        batch = min(a.hybrid_batch if k else a.flow_batch, n_first)
+        want = a.hybrid_batch if k else a.flow_batch
+        batch = want if a.seconds is not None else block_size(n, want)
         settings = HMCSettings(traj_length=tau, integrator=a.integrator,
                                target_accept=a.target_accept, warmup=a.hmc_warmup)
 
@@ -575,7 +599,8 @@ class PointRun:
         if a.seconds is None:
             m.run(n, force=a.force, progress=not a.quiet)
         else:
-            run_for_seconds(m, a.seconds, n, force=a.force, progress=not a.quiet)
+            block = m.info.get("batch", 1)
+            run_for_seconds(m, a.seconds, n, block=block, force=a.force, progress=not a.quiet)
         self.methods.append(m)
         return m
 
@@ -585,13 +610,14 @@ class PointRun:
         return [record(m, n_common, a.discard_frac, a.integrator) for m in methods]
 
     def extend_until_reliable(self, methods: list[Method], n: int) -> int:
-        """Double the rows of every method run so far while one of ``methods`` is unreliable."""
+        """Double the rows of every method run so far while one of ``methods`` is unreliable
+        and ``2n <= --max-n``."""
         a = self.args
-        while a.max_n is not None and n < a.max_n:
+        while a.max_n is not None and 2 * n <= a.max_n:
             bad = [r["label"] for r in self.records(methods) if r["unreliable"]]
             if not bad:
                 break
-            n = min(2 * n, a.max_n)
+            n = 2 * n
             print(f"[{self.point.name}] tau_int unreliable for {bad}: all methods to n = {n}",
                   flush=True)  # fmt: skip
             for m in self.methods:
@@ -611,8 +637,7 @@ def run_point(point: Point, args: argparse.Namespace) -> dict:
     best_hmc = pick_best(pr.records(hmc_runs))
     best_tau = best_hmc["traj_length"] if best_hmc else args.hmc_lengths[0]
     tau_h = best_tau if args.hybrid_traj_length == "best" else args.hybrid_traj_length
-    n_first = n if args.seconds is None else 1 << 30  # blocks no longer than the first target
-    flow_runs = [pr.run(pr.flow_method(k, model, tau_h, n_first), n) for k in args.hybrid_k]
+    flow_runs = [pr.run(pr.flow_method(k, model, tau_h, n), n) for k in args.hybrid_k]
     flip_runs = []
     if point.broken and not args.hmc_flip:
         flip_runs = [pr.run(pr.hmc_method(best_tau, True), n)]
@@ -631,8 +656,8 @@ def run_point(point: Point, args: argparse.Namespace) -> dict:
              for r in hmc_recs + flow_recs + flip_recs if r["unreliable"]]  # fmt: skip
     if args.threads == 1:
         warns += [f"{r['label']}: CPU time / wall time of its run = {r['cpu_over_wall']:.2f} "
-                  "with one thread: the process waited for a CPU (other load), so its wall "
-                  "times and costs are inflated"
+                  "with one thread: the process was waiting (for a CPU under other load, or "
+                  "for the disk), so its wall times and costs may be inflated"
                   for r in hmc_recs + flow_recs + flip_recs
                   if r["cpu_over_wall"] is not None and r["cpu_over_wall"] < 0.9]  # fmt: skip
     if len(configs) != 1:
@@ -666,7 +691,7 @@ def run_point(point: Point, args: argparse.Namespace) -> dict:
                   "training_time_s": meta.get("training_time_s"),
                   "training_time_total_s": meta.get("training_time_total_s"),
                   "recipe": meta.get("recipe")},
-        "n_per_chain": n, "chains": args.chains,
+        "rows_per_chain": min(m.n for m in pr.methods), "chains": args.chains,
         "configs": next(iter(configs)) if len(configs) == 1 else sorted(configs),
         "hmc_scan": hmc_recs, "hmc_best": best_hmc["label"] if best_hmc else None,
         "hmc_flip": flip_recs[0] if flip_recs else None,
