@@ -146,3 +146,13 @@ def test_points_and_quick_defaults(bench):
         "E2": (8, -4.0, 6.008, 1.25, False), "E5": (14, -4.0, 5.113, 1.25, False),
         "broken16": (16, -4.0, 3.0, None, True),
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(("n", "want", "expect"), [
+    (5000, 1024, 1000), (20000, 16, 16), (5000, 16, 10), (100, 8, 5), (10, 16, 10),
+    (10007, 1024, 1024),  # prime: no divisor in [512, 1024], one partial block at most
+])  # fmt: skip
+def test_block_size_divides_n_when_it_can(bench, n, want, expect):
+    b = bench.block_size(n, want)
+    assert b == expect and b <= want
+    assert n % b == 0 or b == want
