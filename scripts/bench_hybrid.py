@@ -660,6 +660,9 @@ def run_point(point: Point, args: argparse.Namespace) -> dict:
                   "for the disk), so its wall times and costs may be inflated"
                   for r in hmc_recs + flow_recs + flip_recs
                   if r["cpu_over_wall"] is not None and r["cpu_over_wall"] < 0.9]  # fmt: skip
+    if args.hybrid_traj_length == "best" and best_hmc and best_hmc["traj_length"] != tau_h:
+        warns.append(f"the hybrids ran at the HMC length that was best on the HMC runs alone "
+                     f"({tau_h:g}); on the final analysis {best_hmc['label']} is the best")
     if len(configs) != 1:
         warns.append(f"methods analysed on different numbers of configurations: {sorted(configs)}")
     verdict: dict[str, Any] = {
@@ -736,6 +739,9 @@ def print_point(row: dict) -> None:
               f"{_tau(am):>16}{_ms(am and am['cost_per_independent_s']):>11}"
               f"{r['wall_time_s']:>8.1f}{r['cpu_time_s']:>8.1f}{r['warmup_time_s'] or 0:>8.1f}"
               f"{min(sc) if sc else float('nan'):>9.2f}{load:>11}")  # fmt: skip
+    print("* best of its kind by cost per independent chi2; ? tau_int unreliable; sign/100: "
+          "fewest sign changes of M per 100 configs over the chains; load: 1-min load average "
+          "before/after")
     v = row["verdict"]
     h = v["hybrid_vs_hmc"]
     if h.get("ratio") is not None:
@@ -744,13 +750,12 @@ def print_point(row: dict) -> None:
         print(f"cost per independent chi2, {h['method']} / {h['reference']}: "
               f"{fmt(h['ratio'], h['ratio_error'])}{tgt}; flow MH / HMC: "
               f"{fmt(v['flow_mh_vs_hmc']['ratio'], v['flow_mh_vs_hmc']['ratio_error'])}")
-    b = v.get("broken_phase")
-    if b and b.get("pass") is not None:
+    b, hs = v.get("broken_phase"), v.get("hmc_sign_changes_per_100")
+    if b and b.get("pass") is not None and hs:
         print(f"broken phase, {b['method']}: <m> = {fmt(b['m'], b['m_error'])} "
               f"({b['m_over_error']:+.2f} sigma), min sign changes per 100 = "
               f"{b['min_sign_changes_per_100']:.2f}: {'PASS' if b['pass'] else 'FAIL'}; "
-              f"HMC ({v['hmc_sign_changes_per_100']['label']}): "
-              f"{[round(x, 2) for x in v['hmc_sign_changes_per_100']['per_chain']]}")
+              f"HMC ({hs['label']}): {[round(x, 2) for x in hs['per_chain']]}")
     for w in row["warnings"]:
         print(f"warning: {w}")
 
