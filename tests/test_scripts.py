@@ -84,3 +84,24 @@ def test_bench_hybrid_quick(tmp_path):
     cmp = compare(ref["path"], best["path"], discard=best["discard"])
     assert cmp["observables"]["chi2"]["cost_ratio"] == pytest.approx(
         1 / sym["verdict"]["hybrid_vs_hmc"]["ratio"])
+
+
+def test_bench_scan_quick(tmp_path):
+    """Every part of scripts/bench_scan.py end to end on tiny lattices (< 60 s): its JSON holds
+    the verdicts of issue 12's three targets with the figures behind them."""
+    out = tmp_path / "bench_scan.json"
+    _run([str(ROOT / "scripts" / "bench_scan.py"), "--quick", "--quiet", "--out", str(out)],
+         tmp_path)  # fmt: skip
+    res = json.loads(out.read_text())
+    assert set(res["verdicts"]) == {"conditional", "cost", "critical"}
+    cond = res["parts"]["conditional"]
+    assert [p["lam"] for p in cond["points"]] == [4.0, 8.0]
+    for p in cond["points"]:
+        assert 0 < p["mh_acceptance_chain"] <= 1 and p["chi2"]["z"] is not None
+    cost = res["parts"]["cost"]
+    assert cost["scan_total_s"] > 0 and "ONE training" in cost["separate_training"]["note"]
+    assert len(cost["scan"]["per_point"]) == 3
+    crit = res["parts"]["critical"]
+    assert crit["command"].startswith("flowmc scan --L 4 6") and crit["crossings"]
+    for stage in (cond["training"], cost["scan"], crit):
+        assert stage["wall_s"] > 0 and stage["cpu_s"] > 0 and len(stage["loadavg_start"]) == 3
