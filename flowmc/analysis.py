@@ -6,7 +6,7 @@ r"""Error analysis of a stored ensemble, in three stages: measure, estimate, dia
 1. :func:`measure_ensemble` streams the configurations once, chunk by chunk (never the whole
    ensemble at once), and returns :class:`Measurements`: the per-configuration primary series
    of :func:`flowmc.observables.measure` (``m``, ``abs_m``, ``m2``, ``m4``, ``energy``,
-   ``action_density``, ``sd_check`` and the momentum-space two-point function at
+   ``phi4``, ``action_density``, ``sd_check`` and the momentum-space two-point function at
    :math:`p = 0` and :math:`p_\mathrm{min}`), the per-row sampler scalars, and bin means of
    :math:`G(x)` and :math:`C(t)`.
 2. :func:`estimate` runs Wolff's Gamma method on the primaries (the ``C`` chains are
@@ -98,6 +98,7 @@ SCALAR_KEYS = (
     "energy",
     "xi2",
     "action_density",
+    "phi4",
     "sd_check",
 )
 #: The subset computable from the stored scalars alone (ensembles without configurations).
@@ -106,7 +107,7 @@ NO_CONFIG_KEYS = ("m", "abs_m", "m2", "chi2", "chi_conn", "binder", "action_dens
 ENTRY_KEYS = ("value", "error", "tau_int", "tau_int_error", "ess", "window", "reliable")
 
 #: Primaries analysed directly (the others in :data:`SCALAR_KEYS` are derived).
-PRIMARY_KEYS = ("m", "abs_m", "m2", "energy", "action_density", "sd_check")
+PRIMARY_KEYS = ("m", "abs_m", "m2", "energy", "action_density", "phi4", "sd_check")
 #: Upper bound on the number of bins per chain for ``G_x`` / ``C_t`` (memory: bins * C * V).
 MAX_BINS = 256
 
@@ -224,7 +225,8 @@ class Measurements:
         action: the :class:`~flowmc.action.Phi4Action`, or ``None`` if it cannot be built.
         has_configs: whether configurations were stored (and measured).
         series: per-configuration primaries, each ``(n, C)`` float64: ``m``, ``abs_m``,
-            ``m2``, ``m4`` and, as available, ``energy``, ``action_density``, ``sd_check``,
+            ``m2``, ``m4`` and, as available, ``energy``, ``phi4``, ``action_density``,
+            ``sd_check``,
             ``gp0`` (:math:`\\tilde G(0)`), ``gp1`` (:math:`\\tilde G(p_\\mathrm{min})`).
         scalars: the per-row scalars stored by the sampler, each ``(n, C)`` (``accepted``,
             ``action``, ``log_q``, ``delta_h``, ...).
@@ -533,8 +535,8 @@ def measure_ensemble(ens: Ensemble, *, discard: int = 0, chunk: int = 512) -> Me
     )  # fmt: skip
     if not ens.has_configs:
         notes.append(
-            "the ensemble stores no configurations (--no-configs): energy, xi2, sd_check, G_x, "
-            "C_t, m_eff and pole_mass are not computed"
+            "the ensemble stores no configurations (--no-configs): energy, xi2, phi4, sd_check, "
+            "G_x, C_t, m_eff and pole_mass are not computed"
         )
         if "magnetization" in scalars:
             m = np.asarray(scalars["magnetization"], dtype=np.float64) / vol

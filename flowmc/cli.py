@@ -1,4 +1,4 @@
-"""The ``flowmc`` command: ``flowmc train|eval|sample|analyze|hmc|compare ...``.
+"""The ``flowmc`` command: ``flowmc train|eval|sample|analyze|hmc|compare|scan ...``.
 
 Each subcommand lives in its own module under :mod:`flowmc.commands` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func(args) -> int``.
@@ -87,6 +87,9 @@ def _one_line(exc: BaseException) -> str:
 
 def interrupted_message(args: argparse.Namespace | None) -> str:
     """What Ctrl-C left behind in ``args.out`` and how to continue, in one line."""
+    hint = getattr(args, "interrupted", None) if args is not None else None
+    if callable(hint):  # a command's own message (e.g. flowmc scan: a directory)
+        return hint(args)
     out = getattr(args, "out", None) if args is not None else None
     if out is None:
         return "interrupted"

@@ -15,6 +15,7 @@ key, what was expected and what was given.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -143,6 +144,13 @@ def _convert(action: argparse.Action, value: Any) -> Any:
         return value
     if not isinstance(action, argparse._StoreAction):
         raise ValueError("is not an option a config file can set")
+    if action.nargs in ("+", "*"):  # a list option (--L 8 16): a TOML array, or one value
+        items = value if isinstance(value, list) else [value]
+        if action.nargs == "+" and not items:
+            raise want("a non-empty array")
+        one = copy.copy(action)
+        one.nargs = None
+        return [_convert(one, v) for v in items]
     t = action.type
     if t is int or isinstance(t, IntRange):
         if not isinstance(value, int) or isinstance(value, bool):

@@ -40,6 +40,7 @@ __all__ = [
     "zero_momentum_from_two_point",
     "momentum_two_point",
     "ising_energy",
+    "phi4_density",
     "sd_observable",
     "chi2_from_means",
     "chi_connected_from_means",
@@ -238,6 +239,31 @@ def ising_energy(phi: ArrayLike) -> np.ndarray:
     axes = _lattice_axes(arr)
     links = sum(arr * np.roll(arr, -1, axis=a) for a in axes)
     return links.mean(axis=axes) / len(axes)
+
+
+def phi4_density(phi: ArrayLike) -> np.ndarray:
+    r"""Quartic term per site :math:`\frac1V\sum_x \phi_x^4`, shape ``(N,)``.
+
+    Its ensemble mean is the λ-derivative of the free-energy density,
+    :math:`\partial f/\partial\lambda = \langle \frac1V\sum_x\phi_x^4\rangle` with
+    :math:`f = -\log Z / V`, since :math:`\partial_\lambda \log Z = -\langle\sum_x
+    \phi_x^4\rangle`: the integrand of thermodynamic integration in the coupling
+    (:mod:`flowmc.free_energy`). For the free theory :math:`\langle\phi_x^4\rangle =
+    3\langle\phi_x^2\rangle^2` (Wick).
+
+    Args:
+        phi: ``(N, *L)`` field configurations.
+
+    Returns:
+        ``(N,)`` float64 array.
+
+    Example:
+        >>> phi4_density(np.full((1, 2, 2), 2.0))
+        array([16.])
+    """
+    arr = _as_fields(phi)
+    sq = arr * arr
+    return (sq * sq).mean(axis=_lattice_axes(arr))
 
 
 def sd_observable(phi: ArrayLike, action: Action) -> np.ndarray:
@@ -522,6 +548,7 @@ def measure(
 
     - ``m`` :math:`M/V`, ``abs_m`` :math:`|m|`, ``m2`` :math:`m^2`, ``m4`` :math:`m^4` — ``(N,)``
     - ``energy`` :func:`ising_energy` — ``(N,)``
+    - ``phi4`` :func:`phi4_density` (:math:`\frac1V\sum_x\phi_x^4`) — ``(N,)``
     - ``action_density`` :math:`S/V` and ``sd`` :func:`sd_observable` — ``(N,)``, only if
       ``action`` is given
     - ``G_x`` :func:`two_point` — ``(N, *L)``
@@ -560,6 +587,7 @@ def measure(
             "m2": m**2,
             "m4": m**4,
             "energy": sum(g[u] for u in unit) / d,
+            "phi4": phi4_density(arr),
             "G_x": g,
             "C_t": _c_from_g(g, 0, True),
         }

@@ -18,7 +18,12 @@ JSON kind                 written by
 ``compare``               ``flowmc compare --json``
 ``eval``                  ``flowmc eval --json``
 ``summary``               ``flowmc sample|hmc --json`` (the run summary)
+``scan``                  ``flowmc scan``: ``DIR/summary.json`` (and the CSV ``summary.csv``)
+``scan-manifest``         ``flowmc scan``: ``DIR/manifest.json`` (the scan's settings)
+``scan-logz``             ``flowmc scan``: ``DIR/L<L>_lam<lam>.logz.json`` (a flow's log Z)
 ========================  ================================================================
+
+CSV reports (:func:`write_csv`) start with the line ``# flowmc_report: <kind>``.
 
 ========================  ================================================================
 PNG kind                  file
@@ -30,6 +35,7 @@ PNG kind                  file
 ``action-vs-effective``   ``action_vs_effective.png`` (analyze) and ``eval --plot``
 ``compare``               ``compare --plots DIR``: ``cost_per_independent.png``
 ``train-history``         ``flowmc train`` (``--plot``, default ``<out>.train.png``)
+``scan-chi2``             ``flowmc scan``: ``DIR/chi2.png`` (and :data:`SCAN_PLOTS`)
 ========================  ================================================================
 """
 
@@ -45,12 +51,13 @@ from typing import Any
 import numpy as np
 
 from flowmc.analysis import SCALAR_KEYS
-from flowmc.safeio import PNG_SOFTWARE_PREFIX, REPORT_KEY, check_output, write_atomic
+from flowmc.safeio import CSV_PREFIX, PNG_SOFTWARE_PREFIX, REPORT_KEY, check_output, write_atomic
 
 __all__ = [
     "fmt",
     "to_jsonable",
     "write_json",
+    "write_csv",
     "save_figure",
     "check_outputs",
     "analysis_table",
@@ -63,6 +70,9 @@ __all__ = [
     "eval_table",
     "plot_training_history",
     "default_train_plot_path",
+    "SCAN_PLOTS",
+    "scan_table",
+    "scan_plots",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -134,6 +144,47 @@ def write_json(
     return write_atomic(path, text.encode("utf-8"), fmt="json", kind=kind, inputs=inputs)
 
 
+def _csv_cell(v: Any) -> str:
+    v = to_jsonable(v)
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    text = str(v)
+    if any(c in text for c in ',"\n\r'):
+        text = '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def write_csv(
+    path: PathLike,
+    columns: Sequence[str],
+    rows: Iterable[Mapping[str, Any]],
+    kind: str,
+    *,
+    inputs: Iterable[PathLike] = (),
+) -> Path:
+    """Write a CSV report atomically: the line ``# flowmc_report: <kind>``, a header, one line
+    per row (missing and non-finite values empty; floats with all their digits).
+
+    Read it with ``pandas.read_csv(path, comment="#")`` or
+    ``numpy.genfromtxt(path, delimiter=",", names=True, skip_header=1, dtype=None)``. The rules
+    of :func:`write_json`
+    apply (it replaces only an earlier CSV report of the same kind).
+
+    Returns:
+        The path written.
+    """
+    cols = [str(c) for c in columns]
+    lines = [f"{CSV_PREFIX}{kind}", ",".join(cols)]
+    for row in rows:
+        lines.append(",".join(_csv_cell(row.get(c)) for c in cols))
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    return write_atomic(path, data, fmt="csv", kind=kind, inputs=inputs)
+
+
 def save_figure(
     fig: Any, path: PathLike, kind: str, *, inputs: Iterable[PathLike] = (), dpi: int = 120
 ) -> Path:
@@ -188,6 +239,7 @@ ANALYSIS_LABELS = {
     "energy": "E (Ising)",
     "xi2": "xi_2 (2nd mom.)",
     "action_density": "S/V",
+    "phi4": "<phi^4> per site",
     "sd_check": "SD check (=1)",
     "exp_minus_delta_h": "<exp(-dH)> (=1)",
     "frac_m_positive": "frac(m > 0)",
@@ -628,3 +680,184 @@ def plot_training_history(
         ax2.set_ylim(lo - 0.1 * abs(hi - lo) - 1e-3, hi + 0.5 * abs(hi - lo) + 1e-3)
     ax.set_title(title)
     return save_figure(fig, path, "train-history", inputs=inputs)
+
+
+# ============================================================================ scan
+#: The plots of ``flowmc scan`` (files in the scan directory) and their report kinds.
+SCAN_PLOTS = {
+    "chi2.png": "scan-chi2",
+    "binder.png": "scan-binder",
+    "xi2_over_L.png": "scan-xi2-over-L",
+    "free_energy.png": "scan-free-energy",
+}
+
+_SCAN_LABELS = {"chi2": r"$\chi_2$", "binder": r"$U_4$", "xi2_over_L": r"$\xi_2/L$"}
+
+
+def _by_size(summary: Mapping[str, Any]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for pt in summary["points"]:
+        out.setdefault(int(pt["L"]), []).append(pt)
+    for pts in out.values():
+        pts.sort(key=lambda p: p["lam"])
+    return out
+
+
+def _obs(pt: Mapping[str, Any], key: str) -> tuple[float, float]:
+    e = pt["observables"].get(key)
+    if e is None or e.get("value") is None or e.get("error") is None:
+        return math.nan, math.nan
+    return float(e["value"]), float(e["error"])
+
+
+def scan_table(summary: Mapping[str, Any]) -> str:
+    """The printed report of a scan (:func:`flowmc.scan.summarize_scan`): one line per point,
+    then the crossings, the free energy, the cost and the warnings."""
+    s = summary["settings"]
+    lams = s["lams"]
+    samplers = ", ".join(f"L={L} {name}" for L, name in s["samplers"].items())
+    lines = [
+        f"scan       {summary['directory']}  (m2 = {s['m2']:g}, {len(lams)} couplings "
+        f"{lams[0]:g} .. {lams[-1]:g}; {samplers}; n = {s['run']['n']} x "
+        f"{s['run']['chains']} chains per point)",
+        "",
+    ]
+    head = (f"{'L':>3} {'lam':>8} {'chi2':>16} {'U4':>16} {'xi2/L':>16} {'f (flow)':>20} "
+            f"{'f (TI)':>20} {'z':>6} {'acc':>6} {'tau(chi2)':>10}")  # fmt: skip
+    lines += [head, "-" * len(head)]
+    for L, pts in _by_size(summary).items():
+        for pt in pts:
+            cells = []
+            for key in ("chi2", "binder", "xi2_over_L"):
+                v, e = _obs(pt, key)
+                cells.append("-" if not math.isfinite(v) else fmt(v, e))
+            fe = pt["free_energy"]
+            ff = "-" if not fe["flow"] else fmt(fe["flow"]["f"], fe["flow"]["error"])
+            ti = fe["ti"]
+            ft = "-" if not ti else fmt(ti["f"], math.hypot(ti["error"], ti["disc"] or 0.0))
+            z = fe["z_ti_vs_flow"]
+            acc = pt.get("acceptance")
+            chi = pt["observables"].get("chi2")
+            tau = "-" if chi is None else f"{chi['tau_int']:.3g}"
+            flag = "" if pt["complete"] else "  (incomplete)"
+            lines.append(
+                f"{L:>3} {pt['lam']:>8g} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} {ff:>20} "
+                f"{ft:>20} {'-' if z is None else f'{z:+.2f}':>6} "
+                f"{'-' if acc is None else f'{acc:.3f}':>6} {tau:>10}{flag}"
+            )
+    lines.append("-" * len(head))
+    for c in summary["crossings"]:
+        name = {"binder": "U4", "xi2_over_L": "xi2/L"}.get(c["observable"], c["observable"])
+        pair = f"L={c['sizes'][0]}/{c['sizes'][1]}"
+        if not c["found"]:
+            lines.append(f"crossing {name:<6} {pair}: none ({c['note']})")
+            continue
+        err = c["error"] if c["error"] is not None else c["error_linear"]
+        lines.append(
+            f"crossing {name:<6} {pair}: lam_c = {fmt(c['lam'], err)} (bootstrap over points; "
+            f"linear propagation {c['error_linear']:.2g}), {name}* = "
+            f"{fmt(c['value'], c['value_error'] or c['value_error_linear'])} [{c['method']}, "
+            f"points {c['window'][0]:g} .. {c['window'][-1]:g}]"
+        )
+    for L, fe in summary["free_energy"].items():
+        a = fe.get("anchor")
+        if a is None:
+            lines.append(f"free energy L={L}: {fe.get('note') or 'not computed'}")
+            continue
+        z = fe.get("max_abs_z")
+        comp = ("" if not fe.get("n_compared") else
+                f"; TI vs flow: max |z| = {z:.2f} over {fe['n_compared']} points")  # fmt: skip
+        lines.append(
+            f"free energy L={L}: thermodynamic integration ({fe['rule']}) from {a['source']} "
+            f"at lam = {a['lam']:g} (f = {fmt(a['f'], a['error'] or None)}){comp}"
+        )
+    cost = summary["cost"]
+    train = ", ".join(f"L={L} {v:.0f} s" for L, v in cost["training_s"].items() if v)
+    lines.append(
+        f"cost       sampling {cost['sampling_s']:.1f} s, warm-up {cost['warmup_s']:.1f} s, "
+        f"flow log Z {cost['logz_s']:.1f} s, analysis {cost['analysis_s']:.1f} s"
+        + (f"; training {train}" if train else "")
+    )
+    for w in summary["warnings"]:
+        lines.append(f"WARNING: {w}")
+    return "\n".join(lines)
+
+
+def _crossing_bands(ax: Any, summary: Mapping[str, Any], observable: str) -> None:
+    for i, c in enumerate(x for x in summary["crossings"] if x["observable"] == observable):
+        if not c["found"]:
+            continue
+        err = c["error"] if c["error"] is not None else c["error_linear"]
+        ax.axvspan(c["lam"] - err, c["lam"] + err, color=f"C{i + 5}", alpha=0.25,
+                   label=f"crossing L={c['sizes'][0]}/{c['sizes'][1]}: "
+                         f"{fmt(c['lam'], err)}")  # fmt: skip
+
+
+def scan_plots(
+    summary: Mapping[str, Any], outdir: PathLike, *, inputs: Iterable[PathLike] = ()
+) -> list[Path]:
+    """The PNGs of a scan in ``outdir`` (:data:`SCAN_PLOTS`): χ₂(λ), U₄(λ) and ξ₂/L(λ) per L with
+    error bars (U₄ and ξ₂/L with their crossings ± error), and f(λ) per L: the flow's points and
+    the thermodynamic integration (band: statistical ⊕ discretisation error), with the z-scores of
+    their difference below.
+
+    Returns:
+        The paths written.
+    """
+    outdir = Path(outdir)
+    inputs = list(inputs)
+    check_outputs(((outdir / n, "png", k) for n, k in SCAN_PLOTS.items()), inputs=inputs)
+    by_size = _by_size(summary)
+    paths: list[Path] = []
+    for key, name in (("chi2", "chi2.png"), ("binder", "binder.png"),
+                      ("xi2_over_L", "xi2_over_L.png")):  # fmt: skip
+        fig = _figure(figsize=(6, 4), dpi=100, layout="constrained")
+        ax = fig.subplots()
+        for i, (L, pts) in enumerate(by_size.items()):
+            vals = np.array([_obs(p, key) for p in pts])
+            ax.errorbar([p["lam"] for p in pts], vals[:, 0], vals[:, 1], fmt="o-", ms=3,
+                        capsize=2, color=f"C{i}", label=f"L = {L}")  # fmt: skip
+        if key != "chi2":
+            _crossing_bands(ax, summary, key)
+        ax.set_xlabel(r"$\lambda$")
+        ax.set_ylabel(_SCAN_LABELS[key])
+        ax.set_title(f"{_SCAN_LABELS[key]} at $m^2$ = {summary['settings']['m2']:g}")
+        ax.legend(fontsize=7)
+        paths.append(save_figure(fig, outdir / name, SCAN_PLOTS[name], inputs=inputs, dpi=100))
+
+    fig = _figure(figsize=(6, 6), dpi=100, layout="constrained")
+    ax, ax_z = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    drawn = False
+    for i, (L, pts) in enumerate(by_size.items()):
+        lam = np.array([p["lam"] for p in pts])
+        flow = [(p["lam"], p["free_energy"]["flow"]) for p in pts if p["free_energy"]["flow"]]
+        if flow:
+            ax.errorbar([x for x, _ in flow], [r["f"] for _, r in flow],
+                        [r["error"] for _, r in flow], fmt="o", ms=4, capsize=2,
+                        color=f"C{i}", label=f"L = {L}: flow log Z")  # fmt: skip
+            drawn = True
+        ti = [p["free_energy"]["ti"] for p in pts]
+        if all(t is not None for t in ti):
+            f = np.array([t["f"] for t in ti])
+            e = np.array([math.hypot(t["error"], t["disc"] or 0.0) for t in ti])
+            ax.plot(lam, f, "-", color=f"C{i}", lw=1, label=f"L = {L}: thermodynamic integration")
+            ax.fill_between(lam, f - e, f + e, color=f"C{i}", alpha=0.25)
+            drawn = True
+        zs = [(p["lam"], p["free_energy"]["z_ti_vs_flow"]) for p in pts
+              if p["free_energy"]["z_ti_vs_flow"] is not None]  # fmt: skip
+        if zs:
+            ax_z.plot([x for x, _ in zs], [z for _, z in zs], "o", color=f"C{i}", ms=4)
+    if not drawn:
+        ax.text(0.5, 0.5, "no free energy (no flow log Z, no anchor)", ha="center",
+                va="center", transform=ax.transAxes)  # fmt: skip
+    else:
+        ax.legend(fontsize=7)
+    ax.set_ylabel(r"$f = -\log Z / V$")
+    ax.set_title("free-energy density")
+    ax_z.axhspan(-2, 2, color="0.85", zorder=0)
+    ax_z.axhline(0, color="k", lw=0.5)
+    ax_z.set_ylabel("z (TI - flow)")
+    ax_z.set_xlabel(r"$\lambda$")
+    paths.append(save_figure(fig, outdir / "free_energy.png", SCAN_PLOTS["free_energy.png"],
+                             inputs=inputs, dpi=100))  # fmt: skip
+    return paths

@@ -12,6 +12,8 @@ an existing path is *without trusting it*:
   (:data:`REPORT_KEY`, written by :func:`flowmc.report.write_json`);
 * ``png-report``: a PNG whose text chunk ``Software`` reads ``"flowmc <kind>"``
   (written by :func:`flowmc.report.save_figure` through matplotlib's ``metadata=``);
+* ``csv-report``: a text file whose first line is ``# flowmc_report: <kind>``
+  (:data:`CSV_PREFIX`, written by :func:`flowmc.report.write_csv`);
 * ``directory``, ``special`` (device node, FIFO, socket, dangling link: never opened),
   ``missing``, or ``other``.
 
@@ -36,6 +38,7 @@ from typing import NamedTuple
 
 __all__ = [
     "REPORT_KEY",
+    "CSV_PREFIX",
     "FileInfo",
     "sniff",
     "check_output",
@@ -47,6 +50,8 @@ __all__ = [
 REPORT_KEY = "flowmc_report"
 #: Prefix of the PNG ``Software`` text of a flowmc plot; the rest is the plot kind.
 PNG_SOFTWARE_PREFIX = "flowmc "
+#: First line of a flowmc CSV report, up to the kind: ``# flowmc_report: <kind>``.
+CSV_PREFIX = f"# {REPORT_KEY}: "
 
 _HDF5_SIG = b"\x89HDF\r\n\x1a\n"
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -62,9 +67,9 @@ class FileInfo(NamedTuple):
 
     Attributes:
         kind: ``"missing"``, ``"directory"``, ``"special"``, ``"ensemble"``, ``"checkpoint"``,
-            ``"json-report"``, ``"png-report"`` or ``"other"``.
-        report: the report kind for ``json-report``/``png-report`` (e.g. ``"analysis"``),
-            else ``None``.
+            ``"json-report"``, ``"png-report"``, ``"csv-report"`` or ``"other"``.
+        report: the report kind for ``json-report``/``png-report``/``csv-report`` (e.g.
+            ``"analysis"``), else ``None``.
         what: a short description for messages, e.g. ``"a flowmc ensemble (HDF5)"``.
     """
 
@@ -187,6 +192,14 @@ def _sniff_json(path: str, size: int) -> FileInfo:
     return FileInfo("other", None, f"a JSON file flowmc did not write (no {REPORT_KEY!r} key)")
 
 
+def _sniff_csv(head: bytes) -> FileInfo:
+    line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
+    kind = line[len(CSV_PREFIX) :].strip()
+    if kind:
+        return FileInfo("csv-report", kind, f"a flowmc {kind!r} report (CSV)")
+    return FileInfo("other", None, "a file flowmc did not write")
+
+
 def sniff(path: str | os.PathLike[str]) -> FileInfo:
     """What is at ``path``? Never follows a path into a device, FIFO or socket, never unpickles.
 
@@ -219,7 +232,7 @@ def sniff(path: str | os.PathLike[str]) -> FileInfo:
         return FileInfo("special", None, what)
     try:
         with open(p, "rb") as fh:
-            head = fh.read(64)
+            head = fh.read(256)
     except OSError as exc:
         return FileInfo("special", None, f"an unreadable file ({exc.strerror})")
     if not head:
@@ -232,6 +245,8 @@ def sniff(path: str | os.PathLike[str]) -> FileInfo:
         return _sniff_zip(p)
     if head.lstrip()[:1] == b"{":
         return _sniff_json(p, st.st_size)
+    if head.startswith(CSV_PREFIX.encode()):
+        return _sniff_csv(head)
     return FileInfo("other", None, "a file flowmc did not write")
 
 
@@ -259,7 +274,7 @@ def check_output(
 
     Args:
         path: the output path.
-        fmt: ``"json"`` or ``"png"``.
+        fmt: ``"json"``, ``"png"`` or ``"csv"``.
         kind: the report kind, e.g. ``"analysis"`` or ``"train-history"``.
         inputs: paths the command reads (or writes as its main output).
 
@@ -270,8 +285,8 @@ def check_output(
         ValueError: if ``path`` is one of ``inputs``, or on a bad ``fmt``/``kind``.
         FileExistsError: if ``path`` exists and is not a ``fmt`` report of ``kind``.
     """
-    if fmt not in ("json", "png"):
-        raise ValueError(f"Expected fmt 'json' or 'png'; got {fmt!r}")
+    if fmt not in ("json", "png", "csv"):
+        raise ValueError(f"Expected fmt 'json', 'png' or 'csv'; got {fmt!r}")
     if not kind or not isinstance(kind, str):
         raise ValueError(f"Expected a non-empty report kind; got {kind!r}")
     p = os.fspath(path)

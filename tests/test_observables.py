@@ -288,7 +288,7 @@ def test_numpy_and_torch_inputs_agree() -> None:
     phi_t = torch.randn(5, *shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     phi_n = phi_t.numpy()
     a, b = ob.measure(phi_t, action), ob.measure(phi_n, action)
-    keys = {"m", "abs_m", "m2", "m4", "energy", "G_x", "C_t", "action_density", "sd"}
+    keys = {"m", "abs_m", "m2", "m4", "energy", "phi4", "G_x", "C_t", "action_density", "sd"}
     assert set(a) == set(b) == keys
     for key in a:
         assert a[key].dtype == np.float64

@@ -4,16 +4,22 @@ docs/benchmarks.md); each must run end to end and write its JSON/checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(args: list[str], cwd: Path) -> None:
+    # the scripts import this checkout's flowmc (not another installed copy)
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     proc = subprocess.run(
-        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": path},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
@@ -32,3 +38,70 @@ def test_bench_sample_quick(tmp_path):
     samplers = {r["sampler"] for r in res["runs"]}
     assert {"seed_loop", "flowmc_kernel", "flowmc_sample_hdf5"} <= samplers
     assert all(0 < r["acceptance"] <= 1 for r in res["runs"])
+
+
+def test_bench_hybrid_quick(tmp_path):
+    """Issue 11's benchmark end to end on a 4x4 lattice (tiny flows trained in-process)."""
+    out = tmp_path / "bh"
+    _run([str(ROOT / "scripts" / "bench_hybrid.py"), "--quick", "--quiet", "--out-dir", str(out)],
+         tmp_path)  # fmt: skip
+    res = json.loads((out / "bench_hybrid.json").read_text())
+    assert res["flowmc_report"] == "bench-hybrid" and res["threads"] == 1
+    assert [p["name"] for p in res["points"]] == ["q-sym", "q-broken"]
+    for pt in res["points"]:
+        recs = [*pt["hmc_scan"], pt["flow_mh"], *pt["hybrid_scan"]]
+        recs += [pt["hmc_flip"]] if pt["hmc_flip"] else []
+        assert [r["traj_length"] for r in pt["hmc_scan"]] == [0.5, 1.0]
+        assert [r["K"] for r in pt["hybrid_scan"]] == [1, 2] and pt["flow_mh"]["K"] == 0
+        # the same configurations for every method, analysed the same way
+        assert {r["configs_analysed"] for r in recs} == {pt["configs"]} == {95 * 4}
+        for r in recs:
+            assert Path(r["path"]).is_file()
+            assert r["wall_time_s"] > 0 and r["cpu_time_s"] > 0
+            assert len(r["loadavg_before"]) == len(r["loadavg_after"]) == 3
+            c2 = r["observables"]["chi2"]
+            assert c2["cost_per_independent_s"] == pytest.approx(
+                2 * c2["tau_int"] * r["wall_time_s"] / r["configs"])
+            assert len(r["sign_changes_per_100"]) == 4
+        for r in pt["hybrid_scan"]:
+            assert set(r["acceptance"]) == {"flow", "hmc"} and r["train_time_s"] > 0
+            assert r["traj_length"] == pt["hybrid_traj_length"]
+        assert pt["hmc_best"] in {r["label"] for r in pt["hmc_scan"]}
+        assert pt["hybrid_best"] in {r["label"] for r in pt["hybrid_scan"]}
+        v = pt["verdict"]
+        assert v["hybrid_vs_hmc"]["method"] == pt["hybrid_best"]
+        assert v["hybrid_vs_hmc"]["reference"] == pt["hmc_best"]
+        assert isinstance(v["pass"], bool)
+    sym, broken = res["points"]
+    assert sym["verdict"]["hybrid_vs_hmc"]["target"] == 1.25 and sym["hmc_flip"] is None
+    assert broken["hmc_flip"]["flip"] is True
+    assert set(broken["verdict"]["broken_phase"]) >= {"m_zero", "tunnels", "m_over_error"}
+    # the bench's cost is flowmc compare's on the stored ensembles
+    from flowmc.compare import compare
+
+    best = next(r for r in sym["hybrid_scan"] if r["label"] == sym["hybrid_best"])
+    ref = next(r for r in sym["hmc_scan"] if r["label"] == sym["hmc_best"])
+    cmp = compare(ref["path"], best["path"], discard=best["discard"])
+    assert cmp["observables"]["chi2"]["cost_ratio"] == pytest.approx(
+        1 / sym["verdict"]["hybrid_vs_hmc"]["ratio"])
+
+
+def test_bench_scan_quick(tmp_path):
+    """Every part of scripts/bench_scan.py end to end on tiny lattices (< 60 s): its JSON holds
+    the verdicts of issue 12's three targets with the figures behind them."""
+    out = tmp_path / "bench_scan.json"
+    _run([str(ROOT / "scripts" / "bench_scan.py"), "--quick", "--quiet", "--out", str(out)],
+         tmp_path)  # fmt: skip
+    res = json.loads(out.read_text())
+    assert set(res["verdicts"]) == {"conditional", "cost", "critical"}
+    cond = res["parts"]["conditional"]
+    assert [p["lam"] for p in cond["points"]] == [4.0, 8.0]
+    for p in cond["points"]:
+        assert 0 < p["mh_acceptance_chain"] <= 1 and p["chi2"]["z"] is not None
+    cost = res["parts"]["cost"]
+    assert cost["scan_total_s"] > 0 and "ONE training" in cost["separate_training"]["note"]
+    assert len(cost["scan"]["per_point"]) == 3
+    crit = res["parts"]["critical"]
+    assert crit["command"].startswith("flowmc scan --L 4 6") and crit["crossings"]
+    for stage in (cond["training"], cost["scan"], crit):
+        assert stage["wall_s"] > 0 and stage["cpu_s"] > 0 and len(stage["loadavg_start"]) == 3
