@@ -23,7 +23,7 @@ from flowmc.action import check_field
 from flowmc.couplings import AffineCoupling, checkerboard
 from flowmc.nets import Blur, PeriodicCNN
 from flowmc.prior import GaussianPrior
-from flowmc.spectral import MomentumScaling, ZeroModeSpline
+from flowmc.spectral import MomentumScaling, ZeroModeSpectrum, ZeroModeSpline
 from flowmc.splines import SplineCoupling
 
 __all__ = ["Flow", "FlowAt", "FlowConfig", "build_flow", "Z2SymmetricFlow", "transfer_state_dict"]
@@ -47,7 +47,10 @@ class FlowConfig:
             :math:`\sigma(k)` per momentum orbit: the Gaussian long-distance part).
         zero_mode_bins: bins of an odd :class:`~flowmc.spectral.ZeroModeSpline` of the
             magnetisation (0: none); ``extra`` may set ``zero_mode_bound`` (default 1.5) and
-            ``zero_mode_position`` (``"first"``: after the momentum layer, default; ``"last"``).
+            ``zero_mode_position`` (``"first"``: after the momentum layer, default; ``"last"``);
+            ``extra["zero_mode_spectrum"] = D`` adds a
+            :class:`~flowmc.spectral.ZeroModeSpectrum` (momentum scales depending on the
+            magnetisation, powers up to D; scale ``zero_mode_scale``, default 0.5) after it.
         condition: ``{}`` for a flow of one action, or ``{"lam": [lo, hi]}`` for a flow
             conditioned on the quartic coupling over that range (every conditioner gets the
             normalised coupling as an extra constant channel; the global layers' parameters become
@@ -417,6 +420,15 @@ def build_flow(config: FlowConfig) -> Flow:
         )
         first = config.extra.get("zero_mode_position", "first") == "first"
         layers = [zm, *layers] if first else [*layers, zm]
+    if config.extra.get("zero_mode_spectrum"):  # magnetisation-dependent momentum scales
+        zs = ZeroModeSpectrum(
+            config.lattice_shape,
+            powers=int(config.extra["zero_mode_spectrum"]),
+            scale=float(config.extra.get("zero_mode_scale", 0.5)),
+            degree=degree,
+        )
+        at = 1 if (config.zero_mode_bins and first) else 0
+        layers = [*layers[:at], zs, *layers[at:]]
     if config.momentum:
         layers = [MomentumScaling(config.lattice_shape, degree=degree), *layers]
     return Flow(prior, layers, config)

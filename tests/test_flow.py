@@ -39,9 +39,14 @@ CONFIGS = {
         "coupling": "spline", "equivariant": True, "momentum": True, "zero_mode_bins": 4,
         "extra": {"n_bins": 6, "spline_bound": 2.0, "zero_mode_bound": 0.8,
                   "zero_mode_position": "last", "blur": [0]}},
+    "momentum-equivariant-zeromode-spectrum": {
+        "coupling": "spline", "equivariant": True, "momentum": True, "zero_mode_bins": 4,
+        "extra": {"n_bins": 6, "spline_bound": 2.0, "zero_mode_spectrum": 2,
+                  "zero_mode_scale": 0.3}},
 }
 #: the flows whose every layer is odd (with an even prior: q(-phi) = q(phi))
-EQUIVARIANT = ("affine-equivariant", "spline-equivariant", "momentum-equivariant-zeromode-last")
+EQUIVARIANT = ("affine-equivariant", "spline-equivariant", "momentum-equivariant-zeromode-last",
+               "momentum-equivariant-zeromode-spectrum")
 
 
 @pytest.fixture(autouse=True)
