@@ -239,4 +239,4 @@ def test_zero_mode_spectrum(conditional: bool) -> None:
     y2, _ = layer(x + 0.5, ctx)
     assert not torch.allclose(y2 - y2.mean(), y - y.mean(), atol=1e-6)
     state = layer.resample_state(layer.state_dict(), (4, 4), (8, 8))
-    assert state["coef"].shape[0] == 6 and torch.all(state["coef"][0] == 0)
+    assert state["coef"].shape[0] == 15 and torch.all(state["coef"][0] == 0)
