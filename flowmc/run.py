@@ -337,6 +337,12 @@ def _resolve_model(
 
 def _stored_sampler(out: Path) -> tuple[dict, dict]:
     with open_ensemble(out) as ens:
+        if "shards" in ens.attrs:  # a view of shard files (flowmc.shards)
+            raise ValueError(
+                f"Cannot resume {str(out)!r}: it is the join of a sharded ensemble "
+                f"({ens.attrs['shards'].get('world_size')} ranks); resume the sharded run under "
+                "torchrun with the same number of ranks and --resume"
+            )
         return dict(ens.sampler), dict(ens.meta)
 
 
