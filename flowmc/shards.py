@@ -137,8 +137,7 @@ def chain_blocks(chains: int, world_size: int, first_chain: int = 0) -> list[tup
     """
     if chains < world_size:
         raise ValueError(
-            f"Expected --chains >= the number of ranks {world_size} (every rank runs at least "
-            f"one chain); got {chains}"
+            f"Expected --chains >= the number of ranks {world_size}; got {chains}"
         )
     base, extra = divmod(chains, world_size)
     blocks, start = [], first_chain

@@ -382,3 +382,33 @@ def test_commands_under_torchrun(job):
             assert ens.meta["resolved_config"]["dist_timeout"] == 600.0
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["analyze", str(tmp / "cli_hybrid.h5")]) == 0
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def test_chain_blocks_and_layout():
+    assert chain_blocks(5, 2) == [(0, 3), (3, 2)]
+    assert chain_blocks(4, 4, first_chain=8) == [(8, 1), (9, 1), (10, 1), (11, 1)]
+    with pytest.raises(ValueError, match="Expected --chains >= the number of ranks 3; got 2"):
+        chain_blocks(2, 3)
+    assert shard_path("runs/ens.h5", 1, 2) == Path("runs/ens.shards/rank-00001-of-00002.h5")
+    with pytest.raises(ValueError, match="not ending in .shards"):
+        shard_dir("runs/ens.shards")
+
+
+def test_ctrl_c_message_names_this_ranks_shard(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from flowmc.cli import interrupted_message
+
+    out = tmp_path / "ens.h5"
+    shard = shard_path(out, 1, WORLD)
+    shard.parent.mkdir()
+    run_ensemble(shard, replace(HMC_FIXED, n=3, chains=2, first_chain=2), action=ACTION, **KW)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    msg = interrupted_message(Namespace(out=out, chains=4))
+    assert "rank-00001-of-00002.h5' holds n = 3 committed rows" in msg and "--resume" in msg
+    monkeypatch.delenv("WORLD_SIZE")  # one process: the message is about --out itself
+    assert "nothing was written to" in interrupted_message(Namespace(out=out, chains=4))
