@@ -548,7 +548,6 @@ def _preflight(
                 raise FileExistsError(f"Refusing to overwrite {str(out)!r} with the join of the "
                                       f"sharded run: {why}")  # fmt: skip
         return sh
-    check_output(spath, force=force)
     if rank == 0:
         check_output(out, force=force, lock_held=True)
         if others:
@@ -556,6 +555,7 @@ def _preflight(
                 f"{str(sdir)!r} holds the shards of a run with {others} ranks; move them away "
                 f"or choose another --out (this run has {W})"
             )
+    check_output(spath, force=force)
     return {"job": uuid.uuid4().hex if rank == 0 else None}
 
 

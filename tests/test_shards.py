@@ -157,6 +157,15 @@ def _job(rank: int, ports: list[int], tmp: Path, model: Path) -> None:
         dist.barrier()
         probe["mismatch"] = _error(lambda: run("mm.h5", replace(small, n=4), action=ACTION,
                                                resume=True))  # fmt: skip
+        # a file flowmc did not write is never replaced by a join (new run with --force, resume)
+        if rank == 0:
+            (tmp / "notes.h5").write_text("my notes\n")
+            (tmp / "other.h5").unlink()
+            (tmp / "other.h5").write_text("my notes\n")
+        dist.barrier()
+        probe["foreign_force"] = _error(lambda: run("notes.h5", small, action=ACTION, force=True))
+        probe["foreign_resume"] = _error(lambda: run("other.h5", replace(small, n=4),
+                                                     action=ACTION, resume=True))  # fmt: skip
     torch.save(probe, tmp / f"probe{rank}.pt")
 
 
@@ -360,6 +369,10 @@ def test_error_cases_fail_on_every_rank(job, tmp_path):
         assert "adaptive warm-up" in probe["adapt"]
         assert probe["exists"].startswith("FileExistsError") and "--force" in probe["exists"]
         assert "mismatched shards" in probe["mismatch"]
+        assert "--force refuses to replace" in probe["foreign_force"]
+        assert "Refusing to overwrite" in probe["foreign_resume"]
+    assert (tmp / "notes.h5").read_text() == (tmp / "other.h5").read_text() == "my notes\n"
+    assert not (tmp / "notes.shards").exists()
     assert not (tmp / "few.shards").exists() and not (tmp / "adapt.h5").exists()
     # the join of the mixed-up run is refused by every reader and by the joiner
     with pytest.raises(ValueError, match="mismatched shards.*another run"):
@@ -412,3 +425,16 @@ def test_ctrl_c_message_names_this_ranks_shard(tmp_path, monkeypatch):
     assert "rank-00001-of-00002.h5' holds n = 3 committed rows" in msg and "--resume" in msg
     monkeypatch.delenv("WORLD_SIZE")  # one process: the message is about --out itself
     assert "nothing was written to" in interrupted_message(Namespace(out=out, chains=4))
+
+
+def test_preflight_refuses_shards_of_another_number_of_ranks(tmp_path):
+    from flowmc.shards import _preflight
+
+    out = tmp_path / "ens.h5"
+    shard_dir(out).mkdir()
+    (shard_dir(out) / "rank-00000-of-00004.h5").write_bytes(b"")
+    args = (out, shard_path(out, 0, 2), 0, 2, (0, 2))
+    with pytest.raises(FileExistsError, match=r"holds the shards of a run with \[4\] ranks"):
+        _preflight(*args, resume=False, force=True)
+    with pytest.raises(FileNotFoundError, match=r"with \[4\] ranks: resume with that many"):
+        _preflight(*args, resume=True, force=False)
