@@ -17,8 +17,8 @@ averages the acceptance over all chains of the run (so the tuned step size depen
 set; pass a fixed step size to reproduce a subset of chains, or shard the run with
 :mod:`flowmc.shards`, which averages over all ranks' chains), and the adaptive warm-up trains one
 flow on all chains' configurations. Streams that belong to the run as a whole (e.g. the
-minibatches of the adaptive warm-up) come from :func:`run_generator`, keyed ``SeedSequence(seed, spawn_key=(k,))``,
-disjoint from every chain key.
+minibatches of the adaptive warm-up) come from :func:`run_generator`, keyed
+``SeedSequence(seed, spawn_key=(k,))``, disjoint from every chain key.
 
 The helpers :func:`draw_normal` and :func:`draw_uniform` also accept a plain
 :class:`torch.Generator` (one stream for the whole batch, drawn in one call), which the kernels
