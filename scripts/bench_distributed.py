@@ -42,6 +42,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -128,6 +129,11 @@ def _measure_cpu(world: int, args: argparse.Namespace, tmp: Path) -> dict:
                 symmetric=False, checkpoint_every=0, progress=False,
             )  # fmt: skip
         secs = res.trainer.elapsed
+        # free the DDP wrapper while its process group lives: a DDP Reducer that outlives
+        # destroy_process_group frees the group in its destructor with the GIL held, which
+        # can deadlock against gloo's worker thread (seen on torch 2.13)
+        del res
+        gc.collect()
         out["train"] = {
             "recipe": "default", **p, "steps": args.steps, "global_batch": args.batch,
             "batch_per_rank": args.batch // world, "optimizer_seconds": secs,
@@ -355,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.flow_batch, args.hmc_n, args.hmc_warmup = 64, 32, 8, 5
         args.gpu_steps, args.gpu_batch, args.gpu_chains = 5, 64, 2
         args.gpu_n, args.gpu_flow_batch = 64, 32
+        args.timeout = min(args.timeout, 300)
     out = {
         "script": "scripts/bench_distributed.py",
         "flowmc_version": flowmc.__version__,
