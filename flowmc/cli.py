@@ -94,7 +94,14 @@ def interrupted_message(args: argparse.Namespace | None) -> str:
     if out is None:
         return "interrupted"
     out = Path(out)
+    from flowmc.distributed import torchrun_env
     from flowmc.ensemble import last_commit, open_ensemble
+
+    env = torchrun_env()
+    if env is not None and env[1] > 1 and hasattr(args, "chains"):  # a sharded run: this rank's
+        from flowmc.shards import shard_path
+
+        out = shard_path(out, env[0], env[1])
 
     left = last_commit(out)
     if left is not None and not left[1]:

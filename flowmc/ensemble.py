@@ -259,7 +259,7 @@ def _validate_root_unchecked(f: h5py.File, path: str) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
     for key, value in raw.items():
         value = _decode(value)
-        if key in ("action", "sampler", "meta", "scalar_names"):
+        if key in ("action", "sampler", "meta", "scalar_names", "shards"):
             try:
                 value = json.loads(value)
             except (TypeError, ValueError) as e:
@@ -268,7 +268,7 @@ def _validate_root_unchecked(f: h5py.File, path: str) -> dict[str, Any]:
     for key in ("lattice_shape", "n_chains", "scalar_names", "store_configs"):
         if key not in attrs:
             raise ValueError(f"{path!r}: missing root attribute {key!r} (corrupt file?)")
-    for key in ("action", "sampler", "meta"):
+    for key in ("action", "sampler", "meta", "shards"):
         if key in attrs and not isinstance(attrs[key], dict):
             raise bad(f"root attribute {key!r} must be a JSON object; got {_type_name(attrs[key])}")
     n = attrs.get("n")
@@ -822,6 +822,12 @@ class EnsembleWriter:
         fio = f = None
         try:
             fio, f, attrs = _open_for_update(path, "r")
+            if "shards" in attrs:  # a view of other files (flowmc.shards): nothing to append to
+                raise ValueError(
+                    f"Cannot resume {path!r}: it is the join of a sharded ensemble (its rows "
+                    f"live in {attrs['shards'].get('world_size')} shard files); resume the "
+                    "sharded run under torchrun with the same number of ranks and --resume"
+                )
             for key, given in expect.items():
                 stored = attrs.get(key)
                 if key == "lattice_shape":
@@ -1373,6 +1379,10 @@ class Ensemble:
         self._f: h5py.File | None = _open_h5(self.path, "r")
         try:
             self.attrs: dict[str, Any] = _validate_root(self._f, self.path)
+            if "shards" in self.attrs:  # the join of a sharded run: check every shard behind it
+                from flowmc.shards import check_join
+
+                check_join(self._f, self.path, self.attrs)
         except BaseException:
             self._f.close()
             self._f = None

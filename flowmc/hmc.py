@@ -64,6 +64,7 @@ __all__ = [
     "adopt",
     "find_reasonable_step_size",
     "tune_step_size",
+    "local_mean",
 ]
 
 #: Minimum-norm parameter of the second-order Omelyan integrator (Omelyan et al. 2003, eq. 20).
@@ -526,6 +527,16 @@ def adopt(own: HMCState | None, other: object, action: Action) -> HMCState:
 # step-size adaptation
 
 
+#: ``chain_mean`` of the tuning functions: the mean over all chains of the run of a per-chain
+#: tensor ``(C,)`` of this process's chains (a sharded run gathers the other ranks' chains).
+ChainMean = Callable[[Tensor], float]
+
+
+def local_mean(x: Tensor) -> float:
+    """The mean over this process's chains (the default ``chain_mean``)."""
+    return float(x.mean())
+
+
 def _mean_acceptance(
     state: HMCState,
     action: Action,
@@ -533,10 +544,11 @@ def _mean_acceptance(
     step_size: float,
     num_steps: int,
     generator: RNG,
+    chain_mean: ChainMean = local_mean,
 ) -> float:
     kernel = build_kernel(action, integrator=integrator, step_size=step_size, num_steps=num_steps)
     _, info = kernel(state, generator)
-    return float(info.acceptance_rate.mean())
+    return chain_mean(info.acceptance_rate)
 
 
 def find_reasonable_step_size(
@@ -547,6 +559,7 @@ def find_reasonable_step_size(
     integrator: str = "leapfrog",
     initial_step_size: float = 0.1,
     max_iter: int = 60,
+    chain_mean: ChainMean | None = None,
 ) -> float:
     """Initial step size by Hoffman & Gelman (2014), algorithm 4, averaged over chains.
 
@@ -560,6 +573,8 @@ def find_reasonable_step_size(
         integrator: ``"leapfrog"`` or ``"omelyan"``.
         initial_step_size: starting guess.
         max_iter: at most this many doublings/halvings.
+        chain_mean: the mean over all chains of the run of a per-chain ``(C,)`` tensor (default
+            :func:`local_mean`; see :func:`tune_step_size`).
 
     Returns:
         The step size.
@@ -569,13 +584,14 @@ def find_reasonable_step_size(
     """
     eps = _check_step_size(initial_step_size, "initial_step_size")
     _check_integrator(integrator)
-    acc = _mean_acceptance(state, action, integrator, eps, 1, generator)
+    mean = chain_mean or local_mean
+    acc = _mean_acceptance(state, action, integrator, eps, 1, generator, mean)
     direction = 1.0 if acc > 0.5 else -1.0
     for _ in range(max_iter):
         if direction > 0 and acc <= 0.5 or direction < 0 and acc >= 0.5:
             break
         eps = eps * 2.0**direction
-        acc = _mean_acceptance(state, action, integrator, eps, 1, generator)
+        acc = _mean_acceptance(state, action, integrator, eps, 1, generator, mean)
     return eps
 
 
@@ -594,6 +610,7 @@ def tune_step_size(
     kappa: float = 0.75,
     max_num_steps: int = 1000,
     before_trajectory: Callable[[int, HMCState], HMCState] | None = None,
+    chain_mean: ChainMean | None = None,
 ) -> tuple[HMCState, float, int, dict[str, list[float]]]:
     r"""Warm up the chains while adapting :math:`\epsilon` by dual averaging, then freeze it.
 
@@ -610,9 +627,12 @@ def tune_step_size(
 
     The returned step size is :math:`\bar\epsilon_M`. Adaptation breaks the Markov property, so
     the warm-up states must be discarded; sampling afterwards with the frozen step size is exact.
-    :math:`\alpha_m` is averaged over all chains of the batch, so the tuned step size depends on
+    :math:`\alpha_m` is averaged over all chains of the run, so the tuned step size depends on
     the set of chains run together even with per-chain random streams (give a fixed step size to
-    reproduce a subset of chains exactly).
+    reproduce a subset of chains exactly). A run whose chains are spread over several processes
+    passes ``chain_mean`` (:class:`flowmc.shards.GatheredMean`): every process then averages
+    over all chains, in global chain order, and tunes the same step size as one process holding
+    all of them.
 
     Args:
         action: the action.
@@ -631,6 +651,9 @@ def tune_step_size(
         before_trajectory: optional ``f(i, state) -> state`` called before warm-up trajectory
             ``i`` (0-based); a hybrid sampler uses it to interleave its flow steps, so that the
             step size is tuned while the whole cycle runs.
+        chain_mean: ``f(x) -> float``, the mean over all chains of the run of the per-chain
+            ``(C,)`` tensor ``x`` of this process's chains; default :func:`local_mean`
+            (``float(x.mean())``: this process holds all chains).
 
     Returns:
         ``(state, step_size, num_steps, history)``: the warmed-up state, the frozen step size,
@@ -655,7 +678,7 @@ def tune_step_size(
     if initial_step_size is None:
         eps = find_reasonable_step_size(
             action, state, generator, integrator=integrator,
-            initial_step_size=min(0.1, traj_length),
+            initial_step_size=min(0.1, traj_length), chain_mean=chain_mean,
         )
     else:
         eps = _check_step_size(initial_step_size, "initial_step_size")
@@ -672,7 +695,7 @@ def tune_step_size(
         num_steps = max(1, math.ceil(traj_length / eps))
         kernel = build_kernel(action, integrator=integrator, step_size=eps, num_steps=num_steps)
         state, info = kernel(state, generator)
-        alpha = float(info.acceptance_rate.mean())
+        alpha = (chain_mean or local_mean)(info.acceptance_rate)
         w = 1.0 / (m + t0)
         h_bar = (1.0 - w) * h_bar + w * (target_accept - alpha)
         log_eps = mu - math.sqrt(m) / gamma * h_bar

@@ -14,10 +14,11 @@ whose row ``c`` was drawn from chain ``c``'s generator alone. Hence:
 
 Two exceptions, documented where they occur: the dual-averaging step-size tuning of an HMC warm-up
 averages the acceptance over all chains of the run (so the tuned step size depends on the chain
-set; pass a fixed step size to shard a run), and the adaptive warm-up trains one flow on all
-chains' configurations. Streams that belong to the run as a whole (e.g. the minibatches of the
-adaptive warm-up) come from :func:`run_generator`, keyed ``SeedSequence(seed, spawn_key=(k,))``,
-disjoint from every chain key.
+set; pass a fixed step size to reproduce a subset of chains, or shard the run with
+:mod:`flowmc.shards`, which averages over all ranks' chains), and the adaptive warm-up trains one
+flow on all chains' configurations. Streams that belong to the run as a whole (e.g. the
+minibatches of the adaptive warm-up) come from :func:`run_generator`, keyed
+``SeedSequence(seed, spawn_key=(k,))``, disjoint from every chain key.
 
 The helpers :func:`draw_normal` and :func:`draw_uniform` also accept a plain
 :class:`torch.Generator` (one stream for the whole batch, drawn in one call), which the kernels

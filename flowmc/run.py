@@ -337,6 +337,12 @@ def _resolve_model(
 
 def _stored_sampler(out: Path) -> tuple[dict, dict]:
     with open_ensemble(out) as ens:
+        if "shards" in ens.attrs:  # a view of shard files (flowmc.shards)
+            raise ValueError(
+                f"Cannot resume {str(out)!r}: it is the join of a sharded ensemble "
+                f"({ens.attrs['shards'].get('world_size')} ranks); resume the sharded run under "
+                "torchrun with the same number of ranks and --resume"
+            )
         return dict(ens.sampler), dict(ens.meta)
 
 
@@ -379,6 +385,7 @@ def run_ensemble(
     progress: bool = True,
     meta: dict | None = None,
     command_line: str | None = None,
+    chain_mean: hmc.ChainMean | None = None,
 ) -> dict:
     """Run (or resume) a flow-MH, HMC or hybrid ensemble into ``out``.
 
@@ -402,6 +409,10 @@ def run_ensemble(
         progress: show a tqdm progress bar on stderr.
         meta: extra metadata (e.g. the resolved CLI config).
         command_line: recorded command line.
+        chain_mean: the step-size tuning's mean of a per-chain ``(C,)`` tensor over all chains
+            of the run (default: over this run's chains). One shard of a run spread over
+            several processes passes :class:`flowmc.shards.GatheredMean`, so that every shard
+            tunes the step size of the whole run (:func:`flowmc.shards.run_sharded`).
 
     Returns:
         A summary dict: ``path, sampler, n, chains, steps, acceptance`` (of the ``accepted``
@@ -423,7 +434,7 @@ def run_ensemble(
             raise ValueError("Expected an action for an HMC run (no model given); got None")
         if config.adapt is not None:
             raise ValueError("Expected adapt=None for an HMC run: there is no flow to adapt")
-        sampler: Any = HMCSampler(action, config, device, dtype or torch.float64)
+        sampler: Any = HMCSampler(action, config, device, dtype or torch.float64, chain_mean)
         lmodel, sha = None, ""
     else:
         lmodel = _resolve_model(model, device, dtype, symmetric)
@@ -435,7 +446,7 @@ def run_ensemble(
         if config.hmc_traj == 0:
             sampler = FlowIMHSampler(lmodel, config)
         else:
-            sampler = HybridSampler(lmodel, config, device)
+            sampler = HybridSampler(lmodel, config, device, chain_mean)
     lattice = tuple(int(s) for s in action.lattice_shape)
     adapt_path = adapted_model_path(out) if config.adapt is not None else None
     rng = ChainRNG(config.seed, config.chain_ids(), device)

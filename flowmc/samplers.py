@@ -148,9 +148,15 @@ class HMCSampler:
     sub_steps = 1
 
     def __init__(
-        self, action: Any, config: RunConfig, device: torch.device, dtype: torch.dtype
+        self,
+        action: Any,
+        config: RunConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        chain_mean: hmc.ChainMean | None = None,
     ) -> None:
         self.action, self.config, self.device, self.dtype = action, config, device, dtype
+        self.chain_mean = chain_mean or hmc.local_mean
         self.settings = config.hmc
         self.step_size: float | None = None
         self.num_steps: int | None = None
@@ -182,6 +188,7 @@ class HMCSampler:
             state, eps, num_steps, hist = hmc.tune_step_size(
                 self.action, state, rng, traj_length=s.traj_length,
                 target_accept=s.target_accept, num_warmup=s.warmup, integrator=s.integrator,
+                chain_mean=self.chain_mean,
             )  # fmt: skip
             tail = hist["acceptance_rate"][-max(1, len(hist["acceptance_rate"]) // 4):]
             record["acceptance_last_quarter"] = float(np.mean(tail))
@@ -192,7 +199,7 @@ class HMCSampler:
             acc = []
             for _ in range(s.warmup):
                 state, info = self.kernel.step(state, rng)
-                acc.append(float(info.acceptance_rate.mean()))
+                acc.append(self.chain_mean(info.acceptance_rate))
             if acc:
                 record["acceptance_last_quarter"] = float(np.mean(acc[-max(1, len(acc) // 4):]))
         return state, record
@@ -243,11 +250,18 @@ class HybridSampler:
 
     name = "hybrid"
 
-    def __init__(self, model: LoadedModel, config: RunConfig, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        config: RunConfig,
+        device: torch.device,
+        chain_mean: hmc.ChainMean | None = None,
+    ) -> None:
         self.config, self.settings, self.K = config, config.hmc, config.hmc_traj
         self.sub_steps = config.flow_batch()
         self.dtype = torch.float64  # the chain's: Delta H is a difference of extensive numbers
-        self.hmc_part = HMCSampler(model.action, config, device, self.dtype)
+        self.chain_mean = chain_mean or hmc.local_mean
+        self.hmc_part = HMCSampler(model.action, config, device, self.dtype, chain_mean)
         self.use_model(model)
 
     def use_model(self, model: LoadedModel) -> None:
@@ -289,13 +303,13 @@ class HybridSampler:
                 fs = self.flow_kernel.adopt(own["flow"], hs)
                 fs, info = self.flow_kernel.step(fs, rng)
                 own["flow"] = fs
-                flow_acc.append(float(info.is_accepted.double().mean()))
+                flow_acc.append(self.chain_mean(info.is_accepted[0].double()))
                 return hmc.adopt(hs, fs, self.action)
 
             hmc_state, eps, num_steps, hist = hmc.tune_step_size(
                 self.action, hmc_state, rng, traj_length=s.traj_length,
                 target_accept=s.target_accept, num_warmup=s.warmup, integrator=s.integrator,
-                before_trajectory=flow_step,
+                before_trajectory=flow_step, chain_mean=self.chain_mean,
             )  # fmt: skip
             tail = hist["acceptance_rate"][-max(1, len(hist["acceptance_rate"]) // 4):]
             record["acceptance_last_quarter"] = float(np.mean(tail))
@@ -307,7 +321,7 @@ class HybridSampler:
             state = CycleState((flow_state, hmc_state))
             for _ in range(math.ceil(s.warmup / K)):
                 state, info = self.single.step(state, rng)
-                flow_acc.append(float(info.infos[0][0].is_accepted.double().mean()))
+                flow_acc.append(self.chain_mean(info.infos[0][0].is_accepted[0].double()))
         record["flow_steps"] = len(flow_acc)
         record["flow_acceptance"] = float(np.mean(flow_acc)) if flow_acc else None
         return state, record

@@ -23,6 +23,7 @@ training times.
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -362,6 +363,10 @@ def train_flow(
         save(trainer)
         if info is not None:
             distributed.barrier(device)  # the checkpoint exists when any rank returns
+            # Free the DDP wrapper while its process group is alive: a Reducer that outlives
+            # destroy_process_group can deadlock with gloo's worker thread over the GIL.
+            trainer.model = trainer.loss_module
+            gc.collect()
     return TrainResult(
         flow=flow,
         action=action,

@@ -102,6 +102,9 @@ def add_ensemble_options(p: argparse.ArgumentParser) -> None:
                    help="storage dtype of configurations")
     p.add_argument("--compression", choices=["none", "gzip", "lzf"], default="none")
     p.add_argument("--json", type=Path, default=None, help="write the run summary as JSON")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun (sharded run, docs/distributed.md): seconds a rank waits "
+                   "for the others before failing")
 
 
 def add_hmc_options(p: argparse.ArgumentParser, title: str) -> None:
@@ -169,9 +172,12 @@ def storage_kwargs(args: argparse.Namespace, command: str) -> dict:
 
 
 def print_run_summary(s: dict) -> None:
-    """Print the summary of :func:`flowmc.run.run_ensemble` (any sampler)."""
+    """Print the summary of :func:`flowmc.run.run_ensemble` or of a sharded run (rank 0)."""
     name = s["sampler"]
     lines = [f"{name}: {s['n']} configs x {s['chains']} chains -> {s['path']}"]
+    if s.get("ranks", 1) > 1:
+        shard_dir = Path(s["shards"][0]).parent
+        lines.append(f"  sharded over {s['ranks']} ranks: {shard_dir}/ (joined by {s['path']})")
     if "flow_acceptance" in s:
         lines.append(
             f"  flow acceptance {s['flow_acceptance']:.4f}, non-finite proposals "

@@ -16,7 +16,8 @@ from flowmc.commands._common import (
     write_json,
 )
 from flowmc.config import add_common_options, apply_threads, resolve_device, resolve_dtype
-from flowmc.run import START_KINDS, run_ensemble
+from flowmc.run import START_KINDS
+from flowmc.shards import job_device, run_sharded
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dual-averaging step-size tuning towards --target-accept at fixed --traj-length, then "
         "sampling with the frozen step size. Writes the same HDF5 ensemble format as "
         "'flowmc sample' (docs/ensemble-format.md, docs/hmc.md). Interrupted runs leave a valid "
-        "file; --resume continues them to a new --n, bit-identical to an uninterrupted run.",
+        "file; --resume continues them to a new --n, bit-identical to an uninterrupted run. "
+        "Under torchrun the chains are split over the ranks, each writing a shard, joined by OUT "
+        "(docs/distributed.md).",
     )
     add_common_options(p)
     p.set_defaults(dtype="float64")  # Delta H is a difference of extensive numbers
@@ -43,14 +46,18 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     storage = storage_kwargs(args, "hmc")  # validates --n and --out first
     action = action_from_args(args)
-    summary = run_ensemble(
+    # under torchrun: each rank samples its block of chains into its shard (flowmc.shards)
+    summary = run_sharded(
         args.out,
         run_config(args, hmc=hmc_settings(args), start=args.start),
         action=action,
-        device=resolve_device(args.device),
+        device=job_device(resolve_device(args.device)),
         dtype=resolve_dtype(args.dtype),
+        timeout_s=args.dist_timeout,
         **storage,
     )
+    if summary["rank"] != 0:  # rank 0 alone reports
+        return 0
     print_run_summary(summary)
     if args.json:
         write_json(args.json, summary)

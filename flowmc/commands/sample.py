@@ -18,7 +18,7 @@ from flowmc.commands._common import (
     write_json,
 )
 from flowmc.config import add_common_options, apply_threads, resolve_device, resolve_dtype
-from flowmc.run import run_ensemble
+from flowmc.shards import job_device, run_sharded
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "to an HDF5 ensemble (docs/ensemble-format.md). With --hmc-traj K each chain cycles one "
         "flow proposal and K HMC trajectories (the hybrid, docs/hybrid.md). Interrupted runs "
         "leave a valid file; --resume continues them to a new --n, bit-identical to an "
-        "uninterrupted run.",
+        "uninterrupted run. Under torchrun the chains are split over the ranks, each writing a "
+        "shard, joined by OUT (docs/distributed.md).",
     )
     add_common_options(p)
     add_ensemble_options(p)
@@ -70,10 +71,14 @@ def run(args: argparse.Namespace) -> int:
                             reverse_kl=args.adapt_reverse_kl)
     cfg = run_config(args, batch=args.batch, hmc_traj=args.hmc_traj, hmc=hmc_settings(args),
                      adapt=adapt)
-    device = resolve_device(args.device)
+    device = job_device(resolve_device(args.device))  # cuda:LOCAL_RANK under torchrun
     model = load_model(args.model or default_model_path(), device=device,
                        dtype=resolve_dtype(args.dtype), symmetric=args.symmetric, lam=args.lam)
-    summary = run_ensemble(args.out, cfg, model=model, device=device, **storage)
+    # under torchrun: each rank samples its block of chains into its shard (flowmc.shards)
+    summary = run_sharded(args.out, cfg, model=model, device=device,
+                          timeout_s=args.dist_timeout, **storage)  # fmt: skip
+    if summary["rank"] != 0:  # rank 0 alone reports
+        return 0
     print_run_summary(summary)
     if args.json:
         write_json(args.json, summary)
