@@ -95,8 +95,8 @@ class Blur(nn.Module):
     r"""Smoothed copies of a field as extra conditioner channels: long-range information at the
     cost of one FFT pair.
 
-    For each width :math:`s > 0` the channel is the field convolved (periodically) with a Gaussian of
-    width :math:`s` sites, :math:`\tilde x(k)\,e^{-s^2\hat k^2/2}`; width ``0`` gives the field's
+    For each width :math:`s > 0` the channel is the field convolved (periodically) with a Gaussian
+    of width :math:`s` sites, :math:`\tilde x(k)\,e^{-s^2\hat k^2/2}`; width ``0`` gives the field's
     mean (the zero mode) broadcast over the lattice. Linear and translation-equivariant, defined in
     lattice units (so the same widths work on every lattice size).
 

@@ -273,7 +273,7 @@ class ZeroModeSpline(nn.Module):
         self._dims = tuple(range(1, len(self.lattice_shape) + 1))
 
     def _params(self, n: int, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Raw spline parameters per sample: ``(n, K)``, ``(n, K)``, ``(n, K - 1)`` (K: all bins)."""
+        """Raw spline parameters per sample: ``(n, K)``, ``(n, K)``, ``(n, K - 1)``."""
         basis = poly_basis(context, self.degree, self.raw_w)
         w, h, d = (
             (r.expand(n, -1) if basis is None else basis @ r.t())
