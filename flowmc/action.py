@@ -4,12 +4,14 @@ Normalisation (Albergo et al., arXiv:1904.12072, eq. 9), periodic boundaries:
 
 .. math::
 
-    S[\phi] = \sum_n \Big[ \sum_{\mu=1}^{d} (2\phi_n^2 - \phi_n\phi_{n+\hat\mu} - \phi_n\phi_{n-\hat\mu})
+    S[\phi] = \sum_n \Big[ \sum_{\mu=1}^{d}
+              (2\phi_n^2 - \phi_n\phi_{n+\hat\mu} - \phi_n\phi_{n-\hat\mu})
               + m^2 \phi_n^2 + \lambda \phi_n^4 \Big]
 
 so that the quadratic part is :math:`\phi^T (-\Delta + m^2) \phi = \tfrac12 \phi^T K \phi` with
 :math:`K = 2(-\Delta + m^2)`. The free theory (:math:`\lambda = 0`, :math:`m^2 > 0`) is the Gaussian
-:math:`N(0, K^{-1})`; :class:`FreeTheory` gives its covariance, propagator, :math:`\langle M^2\rangle`
+:math:`N(0, K^{-1})`; :class:`FreeTheory` gives its covariance, propagator,
+:math:`\langle M^2\rangle`
 and :math:`\log Z` exactly (by FFT), for tests and benchmarks.
 
 Fields are tensors of shape ``(B, L_1, ..., L_d)``; every function is batched over ``B``.
@@ -133,7 +135,9 @@ class Phi4Action:
         self.lam = _check_finite("lam", lam)
         self.lattice_shape = _check_shape(lattice_shape)
         if self.lam < 0:
-            raise ValueError(f"Expected lam >= 0 (the action is unbounded below otherwise); got {lam}")
+            raise ValueError(
+                f"Expected lam >= 0 (the action is unbounded below otherwise); got {lam}"
+            )
         if self.lam == 0 and self.m2 <= 0:
             raise ValueError(
                 f"Expected m2 > 0 when lam == 0 (the free theory is not normalisable); got m2={m2}"
@@ -277,7 +281,7 @@ class FreeTheory:
         return np.real(np.fft.ifftn(1.0 / self.eigenvalues()))
 
     def covariance(self) -> np.ndarray:
-        """Dense covariance ``K^{-1}`` of the flattened field, shape ``(V, V)`` (row-major sites)."""
+        """Dense covariance ``K^{-1}`` of the flattened field, ``(V, V)`` (row-major sites)."""
         g = self.propagator()
         coords = np.stack(np.unravel_index(np.arange(self.volume), self.lattice_shape), axis=1)
         diff = (coords[None, :, :] - coords[:, None, :]) % np.array(self.lattice_shape)

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from flowmc.action import check_field
 from flowmc.couplings import AffineCoupling, checkerboard
-from flowmc.nets import PeriodicCNN
+from flowmc.nets import Blur, PeriodicCNN
 from flowmc.prior import GaussianPrior
-from flowmc.spectral import MomentumScaling, ZeroModeSpline
+from flowmc.spectral import MomentumScaling, ZeroModeSpectrum, ZeroModeSpline
 from flowmc.splines import SplineCoupling
 
 __all__ = ["Flow", "FlowAt", "FlowConfig", "build_flow", "Z2SymmetricFlow", "transfer_state_dict"]
@@ -47,12 +47,17 @@ class FlowConfig:
             :math:`\sigma(k)` per momentum orbit: the Gaussian long-distance part).
         zero_mode_bins: bins of an odd :class:`~flowmc.spectral.ZeroModeSpline` of the
             magnetisation (0: none); ``extra`` may set ``zero_mode_bound`` (default 1.5) and
-            ``zero_mode_position`` (``"first"``: after the momentum layer, default; ``"last"``).
+            ``zero_mode_position`` (``"first"``: after the momentum layer, default; ``"last"``);
+            ``extra["zero_mode_spectrum"] = D`` adds a
+            :class:`~flowmc.spectral.ZeroModeSpectrum` (momentum scales depending on the
+            magnetisation, powers up to D; scale ``zero_mode_scale``, default 0.5) after it.
         condition: ``{}`` for a flow of one action, or ``{"lam": [lo, hi]}`` for a flow
             conditioned on the quartic coupling over that range (every conditioner gets the
             normalised coupling as an extra constant channel; the global layers' parameters become
             quadratics in it); see :meth:`Flow.at`.
-        extra: coupling-specific settings (spline: ``n_bins``, ``spline_bound``).
+        extra: coupling-specific settings (spline: ``n_bins``, ``spline_bound``,
+            ``out_kernel``: kernel size of the conditioner's output layer, ``blur``: widths of
+            smoothed copies of the frozen field fed to the conditioner, 0 for its mean).
     """
 
     lattice_shape: tuple[int, ...]
@@ -140,9 +145,11 @@ def _spline_layer(cfg: FlowConfig, parity: int) -> nn.Module:
 
     ``cfg.equivariant`` gives the Z2-equivariant (symmetrised) spline coupling."""
     n_bins = int(cfg.extra.get("n_bins", 8))
+    widths = cfg.extra.get("blur", [])
+    blur = Blur(cfg.lattice_shape, widths) if widths else None
     net = PeriodicCNN(
-        len(cfg.lattice_shape), 1 + _n_context(cfg), 3 * n_bins - 1, cfg.hidden,
-        cfg.kernel_size, cfg.activation,
+        len(cfg.lattice_shape), 1 + len(widths) + _n_context(cfg), 3 * n_bins - 1, cfg.hidden,
+        cfg.kernel_size, cfg.activation, out_kernel_size=cfg.extra.get("out_kernel"),
     )
     return SplineCoupling(
         checkerboard(cfg.lattice_shape, parity),
@@ -150,6 +157,7 @@ def _spline_layer(cfg: FlowConfig, parity: int) -> nn.Module:
         n_bins=n_bins,
         bound=float(cfg.extra.get("spline_bound", 4.0)),
         equivariant=cfg.equivariant,
+        blur=blur,
     )
 
 
@@ -412,6 +420,15 @@ def build_flow(config: FlowConfig) -> Flow:
         )
         first = config.extra.get("zero_mode_position", "first") == "first"
         layers = [zm, *layers] if first else [*layers, zm]
+    if config.extra.get("zero_mode_spectrum"):  # magnetisation-dependent momentum scales
+        zs = ZeroModeSpectrum(
+            config.lattice_shape,
+            powers=int(config.extra["zero_mode_spectrum"]),
+            scale=float(config.extra.get("zero_mode_scale", 0.5)),
+            degree=degree,
+        )
+        at = 1 if (config.zero_mode_bins and first) else 0
+        layers = [*layers[:at], zs, *layers[at:]]
     if config.momentum:
         layers = [MomentumScaling(config.lattice_shape, degree=degree), *layers]
     return Flow(prior, layers, config)

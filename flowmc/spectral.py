@@ -50,7 +50,9 @@ from torch import Tensor, nn
 
 from flowmc.splines import rq_spline
 
-__all__ = ["momentum_orbits", "MomentumScaling", "ZeroModeSpline", "poly_basis"]
+__all__ = [
+    "momentum_orbits", "MomentumScaling", "ZeroModeSpline", "ZeroModeSpectrum", "poly_basis",
+]
 
 
 def poly_basis(context: Tensor | None, degree: int | None, like: Tensor) -> Tensor | None:
@@ -271,7 +273,7 @@ class ZeroModeSpline(nn.Module):
         self._dims = tuple(range(1, len(self.lattice_shape) + 1))
 
     def _params(self, n: int, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Raw spline parameters per sample: ``(n, K)``, ``(n, K)``, ``(n, K - 1)`` (K: all bins)."""
+        """Raw spline parameters per sample: ``(n, K)``, ``(n, K)``, ``(n, K - 1)``."""
         basis = poly_basis(context, self.degree, self.raw_w)
         w, h, d = (
             (r.expand(n, -1) if basis is None else basis @ r.t())
@@ -310,3 +312,100 @@ class ZeroModeSpline(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_bins={self.n_bins}, bound={self.bound}, odd={self.odd}, degree={self.degree}"
+
+
+class ZeroModeSpectrum(nn.Module):
+    r"""Momentum scales that depend on the magnetisation: the long-distance Gaussian part of the
+    field differs between ordered configurations (:math:`|\bar\phi|` large) and the mixed ones in
+    between (domain walls, :math:`\bar\phi\approx 0`).
+
+    Every non-zero mode is multiplied by :math:`\exp\sum_{p=1}^{D} a_{k,p}\,u^p`, with
+    :math:`u = \tanh(\bar x^2/s^2)` a function of the input's zero mode :math:`\bar x` (the mean
+    over the lattice), which the layer leaves unchanged; the Jacobian is therefore triangular
+    with :math:`\log|\det| = \sum_{k\ne0}\sum_p a_{k,p}u^p`, and the inverse reads :math:`u` off
+    its input just as well. :math:`u` is even in :math:`\bar x`, so the layer is
+    :math:`\mathbb{Z}_2` equivariant. One coefficient per momentum orbit and power (zero at
+    initialisation: the identity); with a context (``degree``) each is a polynomial in it.
+
+    Args:
+        lattice_shape: lattice extents.
+        powers: :math:`D`, the highest power of :math:`u`.
+        scale: :math:`s`, the magnetisation-density scale of :math:`u`.
+        degree: ``None`` (unconditional) or the degree of the polynomial in the context.
+    """
+
+    def __init__(
+        self, lattice_shape: Sequence[int], powers: int = 2, scale: float = 0.5,
+        degree: int | None = None,
+    ) -> None:
+        super().__init__()
+        if powers < 1:
+            raise ValueError(f"Expected powers >= 1; got {powers}")
+        if not scale > 0:
+            raise ValueError(f"Expected scale > 0; got {scale}")
+        self.lattice_shape = tuple(int(s) for s in lattice_shape)
+        self.powers, self.scale = int(powers), float(scale)
+        self.degree = None if degree is None else int(degree)
+        orbit, khat2 = momentum_orbits(self.lattice_shape)
+        self.register_buffer("orbit", torch.from_numpy(orbit), persistent=False)
+        counts = np.bincount(orbit.ravel(), minlength=len(khat2)).astype(np.float64)
+        counts[0] = 0.0  # the zero mode is not scaled
+        self.register_buffer("counts", torch.from_numpy(counts), persistent=False)
+        keep = torch.ones(len(khat2))
+        keep[0] = 0.0
+        self.register_buffer("keep", keep, persistent=False)
+        tail = () if self.degree is None else (self.degree + 1,)
+        self.coef = nn.Parameter(torch.zeros(len(khat2), self.powers, *tail))
+        self._dims = tuple(range(1, len(self.lattice_shape) + 1))
+
+    def _scaled(self, x: Tensor, sign: float, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        mbar = x.flatten(1).mean(1)
+        u = torch.tanh((mbar / self.scale) ** 2)
+        upow = torch.stack([u**p for p in range(1, self.powers + 1)], 1)  # (B, D)
+        basis = poly_basis(context, self.degree, self.coef)
+        coef = self.coef if basis is None else torch.einsum("kdp,bp->bkd", self.coef, basis)
+        if coef.dim() == 2:
+            ls = upow @ coef.t()  # (B, n_orbits)
+        else:
+            ls = torch.einsum("bkd,bd->bk", coef, upow)
+        ls = ls * self.keep
+        log_det = sign * (ls.double() * self.counts).sum(-1).to(ls.dtype)
+        half = ls[:, self.orbit[..., : self.lattice_shape[-1] // 2 + 1]]
+        xk = torch.fft.rfftn(x, dim=self._dims)
+        y = torch.fft.irfftn(xk * torch.exp(sign * half).to(xk.real.dtype), s=self.lattice_shape,
+                             dim=self._dims)
+        return y.to(x.dtype), log_det
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._scaled(z, 1.0, context)
+
+    def inverse(self, phi: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._scaled(phi, -1.0, context)
+
+    def resample_state(
+        self,
+        state: dict[str, Tensor],
+        old_lattice_shape: Sequence[int],
+        new_lattice_shape: Sequence[int],
+    ) -> dict[str, Tensor]:
+        """Coefficients interpolated linearly in :math:`\\hat k^2` (the zero mode stays 0)."""
+        old = state["coef"].detach().double().cpu().numpy()
+        _, k_old = momentum_orbits(old_lattice_shape)
+        _, k_new = momentum_orbits(new_lattice_shape)
+        if old.shape[0] != k_old.size:
+            raise ValueError(
+                f"Expected coef with {k_old.size} orbits for lattice {tuple(old_lattice_shape)}; "
+                f"got {old.shape}"
+            )
+        xs, idx = np.unique(k_old[1:], return_inverse=True)
+        flat = old[1:].reshape(len(k_old) - 1, -1)
+        ys = np.stack([np.bincount(idx, weights=flat[:, j]) / np.bincount(idx)
+                       for j in range(flat.shape[1])], 1)
+        new = np.zeros((len(k_new), flat.shape[1]))
+        for j in range(flat.shape[1]):
+            new[1:, j] = np.interp(k_new[1:], xs, ys[:, j])
+        return {"coef": torch.as_tensor(new.reshape(len(k_new), *old.shape[1:]),
+                                        dtype=state["coef"].dtype)}
+
+    def extra_repr(self) -> str:
+        return f"powers={self.powers}, scale={self.scale}, degree={self.degree}"

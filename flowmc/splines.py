@@ -128,6 +128,8 @@ class SplineCoupling(nn.Module):
         n_bins: number of spline bins :math:`K`.
         bound: half-width :math:`B` of the spline interval.
         equivariant: make the layer :math:`\mathbb{Z}_2` equivariant (see above).
+        blur: optional :class:`flowmc.nets.Blur`; its smoothed copies of the frozen sites are extra
+            conditioner channels (after the field, before the context).
 
     Raises:
         ValueError: if ``n_bins < 2`` or ``bound <= 0``.
@@ -136,6 +138,7 @@ class SplineCoupling(nn.Module):
     def __init__(
         self, mask: Tensor, net: nn.Module, n_bins: int = 8, bound: float = 4.0,
         equivariant: bool = False,
+        blur: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if n_bins < 2:
@@ -150,6 +153,14 @@ class SplineCoupling(nn.Module):
         self.n_bins = int(n_bins)
         self.bound = float(bound)
         self.equivariant = bool(equivariant)
+        self.blur = blur
+
+    def _input(self, frozen: Tensor, context: Tensor | None) -> Tensor:
+        """Conditioner input: the frozen sites, smoothed copies (``blur``) and the context."""
+        x = with_context(frozen, context)
+        if self.blur is None:
+            return x
+        return torch.cat([x[:, :1], self.blur(frozen), x[:, 1:]], 1)
 
     def _params(self, frozen: Tensor, context: Tensor | None) -> Tensor:
         r"""Spline parameters ``(B, 3K-1, *L)`` from the frozen sites; Z2-symmetrised if asked:
@@ -157,9 +168,9 @@ class SplineCoupling(nn.Module):
         mirror :math:`x\to-x` of a spline (bin widths, heights and knot derivatives reversed),
         so :math:`\theta(-c) = R\theta(c)` and :math:`g_{\theta(-c)}(-x) = -g_{\theta(c)}(x)`."""
         if not self.equivariant:
-            return self.net(with_context(frozen, context))
+            return self.net(self._input(frozen, context))
         ctx = None if context is None else torch.cat([context, context], 0)
-        both = self.net(with_context(torch.cat([frozen, -frozen], 0), ctx))
+        both = self.net(self._input(torch.cat([frozen, -frozen], 0), ctx))
         plus, minus = both.chunk(2, 0)
         k = self.n_bins
         mirrored = torch.cat(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -46,10 +46,10 @@ from flowmc.checkpoint import (
 from flowmc.ensemble import file_sha256
 from flowmc.evaluate import needs_symmetrisation
 from flowmc.flow import Flow, FlowConfig, Z2SymmetricFlow, build_flow, transfer_state_dict
-from flowmc.recipes import get_recipe, override
+from flowmc.recipes import Stage, get_recipe, override, plan_stages
 from flowmc.train import TrainConfig, Trainer
 
-__all__ = ["train_flow", "TrainResult"]
+__all__ = ["train_flow", "train_staged", "stage_path", "TrainResult"]
 
 
 class TrainResult(NamedTuple):
@@ -380,3 +380,99 @@ def train_flow(
         rank=rank,
         world_size=world,
     )
+
+
+def stage_path(out: str | Path, lattice_shape: tuple[int, ...]) -> Path:
+    """Checkpoint of an intermediate stage of :func:`train_staged`: ``OUT`` → ``OUT.L8.pt``
+    (``OUT.8x16.pt`` for an anisotropic lattice)."""
+    out = Path(out)
+    shape = tuple(int(s) for s in lattice_shape)
+    tag = str(shape[0]) if len(set(shape)) == 1 else "x".join(map(str, shape))
+    return out.with_name(f"{out.stem}.L{tag}{out.suffix or '.pt'}")
+
+
+def train_staged(
+    action: Phi4Action,
+    *,
+    recipe: str = "default",
+    out: str | Path,
+    resume: bool = False,
+    force: bool = False,
+    flow_overrides: Mapping[str, Any] | None = None,
+    train_overrides: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    stages: Sequence[Stage] | None = None,
+    **kwargs: Any,
+) -> TrainResult:
+    """Train through the stages :func:`flowmc.recipes.plan_stages` gives for the lattice.
+
+    One stage: exactly :func:`train_flow`. Several (``default`` beyond extent 8): the first stage
+    trains the recipe's flow on the small lattice into :func:`stage_path` ``(out, L0)``, every
+    further stage starts from the previous one (``init_from``, so the checkpoints record the
+    ancestry and ``training_time_total_s`` counts every stage) and the last writes ``out``.
+    ``flow_overrides`` apply to the first stage, ``train_overrides`` to the last. With ``resume``
+    a finished stage is skipped, an unfinished one resumed and a missing one started, so an
+    interrupted pipeline continues where it stopped; without it every stage file must be new
+    (or ``force``).
+
+    Args:
+        action: the target on the final lattice (the stages use the same couplings).
+        recipe: the recipe name.
+        out: the final checkpoint.
+        resume, force: as for :func:`train_flow`, for every stage file.
+        flow_overrides, train_overrides: see above.
+        progress: progress bars.
+        stages: explicit stages instead of the recipe's plan (the last one's lattice must be the
+            action's).
+        **kwargs: passed to every :func:`train_flow` call (seed, device, dtype, record, ...).
+
+    Returns:
+        The last stage's :class:`TrainResult`.
+    """
+    if stages is None:
+        stages = plan_stages(recipe, tuple(action.lattice_shape))
+    elif tuple(stages[-1].lattice_shape) != tuple(action.lattice_shape):
+        raise ValueError(
+            f"Expected the last stage on the action's lattice {tuple(action.lattice_shape)}; got "
+            f"{tuple(stages[-1].lattice_shape)}"
+        )
+    if len(stages) == 1:
+        return train_flow(
+            action, recipe=recipe, train_config=None if resume else stages[0].train, out=out,
+            resume=resume,
+            force=force, flow_overrides=None if resume else flow_overrides,
+            train_overrides=train_overrides, progress=progress, **kwargs,
+        )  # fmt: skip
+    out = Path(out)
+    previous: Path | None = None
+    result: TrainResult | None = None
+    for i, stage in enumerate(stages):
+        last = i == len(stages) - 1
+        path = out if last else stage_path(out, stage.lattice_shape)
+        stage_action = Phi4Action(action.m2, action.lam, stage.lattice_shape)
+        train_cfg = stage.train
+        over = dict(train_overrides or {}) if last else {}
+        if resume and path.exists():
+            done = load_checkpoint(path).get("trainer_state", {}) or {}
+            target = over.get("n_steps") or train_cfg.n_steps
+            if not last and int(done.get("step", 0)) >= target:
+                previous = path
+                continue
+            result = train_flow(
+                None, out=path, resume=True, train_overrides=over, progress=progress, **kwargs
+            )
+        elif i == 0:
+            result = train_flow(
+                stage_action, recipe=recipe, train_config=train_cfg, out=path, force=force,
+                flow_overrides=flow_overrides, train_overrides=over, progress=progress, **kwargs,
+            )  # fmt: skip
+        else:
+            result = train_flow(
+                stage_action, recipe=recipe, train_config=train_cfg, out=path, force=force,
+                init_from=previous, train_overrides=over, progress=progress, **kwargs,
+            )  # fmt: skip
+        previous = path
+        if progress and not last:
+            print(f"stage {i + 1}/{len(stages)} done: {path}", file=sys.stderr)
+    assert result is not None  # the last stage always runs
+    return result

@@ -43,7 +43,7 @@ from flowmc.workflow import train_flow
 POINTS = {
     "t1": {"L": 8, "m2": -4.0, "lam": 8.0, "recipes": ["seed", "default"]},
     "e2": {"L": 8, "m2": -4.0, "lam": 6.008, "recipes": ["seed", "default"]},
-    "e5": {"L": 14, "m2": -4.0, "lam": 5.113, "recipes": ["default", "large"]},
+    "e5": {"L": 14, "m2": -4.0, "lam": 5.113, "recipes": ["local", "default"]},
 }
 
 

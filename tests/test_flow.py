@@ -33,13 +33,20 @@ CONFIGS = {
                            "extra": {"n_bins": 6, "spline_bound": 2.0}},
     "momentum-spline-zeromode": {"coupling": "spline", "momentum": True, "zero_mode_bins": 4,
                                  "extra": {"n_bins": 6, "spline_bound": 2.0}},
+    "spline-blur": {"coupling": "spline", "extra": {"n_bins": 6, "spline_bound": 2.0,
+                                                    "blur": [1.5, 0], "out_kernel": 1}},
     "momentum-equivariant-zeromode-last": {
         "coupling": "spline", "equivariant": True, "momentum": True, "zero_mode_bins": 4,
         "extra": {"n_bins": 6, "spline_bound": 2.0, "zero_mode_bound": 0.8,
-                  "zero_mode_position": "last"}},
+                  "zero_mode_position": "last", "blur": [0]}},
+    "momentum-equivariant-zeromode-spectrum": {
+        "coupling": "spline", "equivariant": True, "momentum": True, "zero_mode_bins": 4,
+        "extra": {"n_bins": 6, "spline_bound": 2.0, "zero_mode_spectrum": 2,
+                  "zero_mode_scale": 0.3}},
 }
 #: the flows whose every layer is odd (with an even prior: q(-phi) = q(phi))
-EQUIVARIANT = ("affine-equivariant", "spline-equivariant", "momentum-equivariant-zeromode-last")
+EQUIVARIANT = ("affine-equivariant", "spline-equivariant", "momentum-equivariant-zeromode-last",
+               "momentum-equivariant-zeromode-spectrum")
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +106,9 @@ def test_log_det_matches_autograd_jacobian(kind: str) -> None:
                           atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["affine", "affine-equivariant", "spline", "spline-equivariant"])
+@pytest.mark.parametrize(
+    "kind", ["affine", "affine-equivariant", "spline", "spline-equivariant", "spline-blur"]
+)
 def test_single_layer_jacobian_structure(kind: str) -> None:
     """Frozen rows are identity; active sites depend only on themselves and frozen sites."""
     layer = _randomised(kind).layers[0]

@@ -162,8 +162,9 @@ def test_conditional_flow_is_a_valid_flow_at_every_coupling() -> None:
     outs = []
     for lam in (2.0, 4.5, 6.0):
         y, ld = flow(z, lam)
-        jac = torch.autograd.functional.jacobian(lambda v: flow(v.view(1, 4, 4), lam)[0].flatten(),
-                                                 z.flatten())  # noqa: B023
+        jac = torch.autograd.functional.jacobian(
+            lambda v, lam=lam: flow(v.view(1, 4, 4), lam)[0].flatten(), z.flatten()
+        )
         assert abs(float(torch.linalg.slogdet(jac).logabsdet) - float(ld[0])) < 1e-10
         assert torch.allclose(flow.inverse(y, lam)[0], z, atol=1e-10)
         assert torch.allclose(flow(-z, lam)[0], -y, atol=1e-12)  # still Z2-equivariant
@@ -217,3 +218,26 @@ def test_conditional_training_matches_the_action_at_each_coupling() -> None:
             generator=torch.Generator().manual_seed(3)).run(progress=False)
     after = [f_q(2.0), f_q(8.0)]
     assert after[0] < before[0] - 0.5 and after[1] < before[1] - 0.5, (before, after)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_zero_mode_spectrum(conditional: bool) -> None:
+    from flowmc.spectral import ZeroModeSpectrum
+
+    layer = _random_params(ZeroModeSpectrum((4, 4), powers=2, scale=0.4,
+                                            degree=2 if conditional else None), seed=10)
+    ctx = torch.tensor([0.3], dtype=DT) if conditional else None
+    x = 0.6 * torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(11), dtype=DT) + 0.2
+    y, ld = layer(x, ctx)
+    jac = torch.autograd.functional.jacobian(lambda v: layer(v.view(1, 4, 4), ctx)[0].flatten(),
+                                             x.flatten())
+    assert abs(float(torch.linalg.slogdet(jac).logabsdet) - float(ld[0])) < 1e-10
+    x_back, ld_inv = layer.inverse(y, ctx)
+    assert torch.allclose(x_back, x, atol=1e-12) and torch.allclose(ld_inv, -ld, atol=1e-12)
+    assert torch.allclose(y.mean(), x.mean(), atol=1e-14)  # the zero mode is untouched
+    assert torch.allclose(layer(-x, ctx)[0], -y, atol=1e-12)  # even in the magnetisation
+    # the scales really depend on the magnetisation: shifting the mean changes the other modes
+    y2, _ = layer(x + 0.5, ctx)
+    assert not torch.allclose(y2 - y2.mean(), y - y.mean(), atol=1e-6)
+    state = layer.resample_state(layer.state_dict(), (4, 4), (8, 8))
+    assert state["coef"].shape[0] == 15 and torch.all(state["coef"][0] == 0)

@@ -201,3 +201,33 @@ def test_train_flow_errors(tmp_path):
     (tmp_path / "exists.pt").write_bytes(b"")
     with pytest.raises(FileExistsError, match="--force"):
         train_flow(action, out=tmp_path / "exists.pt")
+
+
+def test_staged_pipeline_transfers_and_resumes(tmp_path):
+    """train_staged: stage 0 on the small lattice, the last stage starts from it (ancestry and
+    total time recorded); with resume a finished stage is skipped and a missing one rerun."""
+    from flowmc.recipes import Stage, plan_stages
+    from flowmc.workflow import stage_path, train_staged
+
+    assert [s.lattice_shape for s in plan_stages("default", (32, 32))] == [(8, 8), (16, 16),
+                                                                          (32, 32)]
+    assert len(plan_stages("default", (8, 8))) == len(plan_stages("local", (16, 16))) == 1
+    stages = [Stage((4, 4), QUICK), Stage((8, 8), QUICK)]
+    small = {"n_layers": 2, "hidden": (4,), "extra": {"blur": [0]}}
+    out = tmp_path / "big.pt"
+    action = Phi4Action(-4.0, 8.0, (8, 8))
+    res = train_staged(action, out=out, stages=stages, flow_overrides=small, dtype=DT,
+                       progress=False)
+    first = stage_path(out, (4, 4))
+    assert first.name == "big.L4.pt" and first.exists() and out.exists()
+    meta = load_checkpoint(out)["meta"]
+    assert meta["init_from"]["path"] == str(first.resolve())
+    t0 = load_checkpoint(first)["meta"]["training_time_s"]
+    assert meta["training_time_total_s"] == pytest.approx(t0 + meta["training_time_s"])
+    assert tuple(res.flow.lattice_shape) == (8, 8) and res.flow.config.n_layers == 2
+    before = first.stat().st_mtime_ns
+    out.unlink()
+    train_staged(action, out=out, stages=stages, resume=True, dtype=DT, progress=False)
+    assert out.exists() and first.stat().st_mtime_ns == before  # stage 0 was not retrained
+    with pytest.raises(ValueError, match="last stage"):
+        train_staged(Phi4Action(-4.0, 8.0, (6, 6)), out=tmp_path / "x.pt", stages=stages)

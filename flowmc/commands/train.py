@@ -18,7 +18,7 @@ from flowmc.config import (
     resolved,
 )
 from flowmc.recipes import RECIPES
-from flowmc.workflow import train_flow
+from flowmc.workflow import train_flow, train_staged
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -113,6 +113,14 @@ def _action(args: argparse.Namespace) -> Phi4Action | None:
     return Phi4Action(old.m2, old.lam, (args.L,) * args.dim)
 
 
+def _staged_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``--resume`` of a staged pipeline whose final checkpoint does not exist yet: the action
+    options are needed again (a range ``--lam LO:HI`` stands for its midpoint)."""
+    if isinstance(args.lam, tuple):
+        return argparse.Namespace(**{**vars(args), "lam": 0.5 * sum(args.lam)})
+    return args
+
+
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     device = resolve_device(args.device)
@@ -143,13 +151,8 @@ def run(args: argparse.Namespace) -> int:
         "extra": {k: v for k, v in extra.items() if v is not None} or None,
         "condition": {"lam": list(args.lam)} if isinstance(args.lam, tuple) else None,
     }
-    res = train_flow(
-        _action(args),
-        recipe=args.recipe,
-        # a resumed run keeps its stored flow (architecture flags are ignored, as its --config
-        # file may still hold them); its training hyper-parameters may change
-        flow_overrides=None if args.resume else flow_overrides,
-        train_overrides={  # training hyper-parameters given on the command line (None: keep)
+    common = {
+        "train_overrides": {  # training hyper-parameters given on the command line (None: keep)
             "n_steps": args.steps,
             "batch_size": args.batch,
             "lr": args.lr,
@@ -157,19 +160,26 @@ def run(args: argparse.Namespace) -> int:
             "grad_clip": args.grad_clip,
             "estimator": args.estimator,
         },
-        symmetric=args.symmetric,
-        seed=args.seed,
-        device=device,
-        dtype=dtype,
-        out=args.out,
-        resume=args.resume,
-        force=args.force,
-        init_from=args.init_from,
-        checkpoint_every=args.checkpoint_every,
-        progress=not args.quiet,
-        record=resolved(args),
-        timeout_s=args.dist_timeout,
-    )
+        "symmetric": args.symmetric,
+        "seed": args.seed,
+        "device": device,
+        "dtype": dtype,
+        "out": args.out,
+        "resume": args.resume,
+        "force": args.force,
+        "checkpoint_every": args.checkpoint_every,
+        "progress": not args.quiet,
+        "record": resolved(args),
+        "timeout_s": args.dist_timeout,
+    }
+    if args.init_from is not None or (args.resume and Path(args.out).exists()):
+        # one stage: from an ancestor, or continuing this checkpoint (a resumed run keeps its
+        # stored flow; its training hyper-parameters may change)
+        res = train_flow(_action(args), recipe=args.recipe, init_from=args.init_from,
+                         flow_overrides=None if args.resume else flow_overrides, **common)
+    else:  # the recipe's stages for this lattice (beyond extent 8: train small, then transfer)
+        action = _action(args) if not args.resume else action_from_args(_staged_args(args))
+        res = train_staged(action, recipe=args.recipe, flow_overrides=flow_overrides, **common)
     if res.rank != 0:  # rank 0 alone writes plots and reports
         return 0
     trainer, h = res.trainer, res.history
