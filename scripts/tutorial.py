@@ -94,10 +94,10 @@ class Params:
 
 FULL = Params()
 QUICK = Params(
-    L=4, train_steps=30, n_eval=1024, mh_n=1000, mh_chains=2, hmc_n=300, hmc_chains=4,
+    L=6, train_steps=30, n_eval=1024, mh_n=1000, mh_chains=2, hmc_n=300, hmc_chains=4,
     hmc_warmup=50, broken_n=300, hybrid_n=48, hybrid_chains=4, hybrid_k=2, scan_sizes=(2, 4),
     scan_steps=(20, 20), scan_lams="3.8:4.8:3", scan_n=200, scan_chains=2, logz_n=256,
-)  # fmt: skip
+)
 # [/doc:params]
 
 
@@ -110,6 +110,11 @@ def _est(e: Any) -> dict:
 
 def _ve(value: float, error: float) -> dict:
     return {"value": float(value), "error": float(error)}
+
+
+def _tidy(text: str, work: Path) -> str:
+    """A printed table as the doc shows it: paths relative to the cache folder."""
+    return text.replace(str(work) + "/", "")
 
 
 # ============================================================================ the notebook's path
@@ -167,7 +172,7 @@ def step_stack(P: Params, out: Path, work: Path) -> dict:
     flow_config, train_config = get_recipe("default", (P.L, P.L))
     print(flow_config)  # the architecture
     print(train_config)  # the training hyper-parameters
-    flow = build_flow(flow_config).double()
+    flow = build_flow(flow_config).double().requires_grad_(False)  # no training here
     phi, log_q = flow.sample(8, generator=torch.Generator().manual_seed(2))
     print("max |log_prob(phi) - log q| =", (flow.log_prob(phi) - log_q).abs().max().item())
     print("parameters:", sum(p.numel() for p in flow.parameters()))
@@ -222,7 +227,7 @@ def step_effective(P: Params, out: Path, work: Path) -> dict:
     report.plot_configurations(phi, out / "flow_samples.png", title="samples from the flow")
     # -- numbers quoted in the text
     return {
-        "table": report.eval_table(ev),
+        "table": _tidy(report.eval_table(ev), work),
         "n": ev.n,
         "ess": ev.ess,
         "ess_batch": _ve(ev.ess_batch_mean, ev.ess_batch_err),
@@ -261,7 +266,7 @@ def step_analysis(P: Params, out: Path, work: Path) -> dict:
     d = res.to_dict()
     pm = d.get("pole_mass")
     return {
-        "table": report.analysis_table(res),
+        "table": _tidy(report.analysis_table(res), work),
         "chi2": _est(chi2),
         "m": _est(res.observables["m"]),
         "abs_m": _est(res.observables["abs_m"]),
@@ -309,16 +314,16 @@ def step_hmc(P: Params, out: Path, work: Path) -> dict:
     print(report.compare_table(result))
     report.plot_compare(result, out / "compare.png")
     # -- numbers quoted in the text
-    return _compare_numbers(result, run)
+    return _compare_numbers(result, run, work)
 
 
-def _compare_numbers(result: dict, run: dict) -> dict:
+def _compare_numbers(result: dict, run: dict, work: Path) -> dict:
     obs, labels = result["observables"], result["labels"]
     zs = [abs(r[lab]["z_vs_reference"]) for r in obs.values() for lab in labels[1:]
           if r[lab]["z_vs_reference"] is not None]  # fmt: skip
     chi2 = obs["chi2"]
     return {
-        "table": report.compare_table(result),
+        "table": _tidy(report.compare_table(result), work),
         "labels": labels,
         "chi2": {lab: _ve(chi2[lab]["value"], chi2[lab]["error"]) for lab in labels},
         "z_chi2": {lab: chi2[lab]["z_vs_reference"] for lab in labels[1:]},
@@ -388,7 +393,7 @@ def step_hybrid(P: Params, out: Path, work: Path) -> dict:
     print(report.compare_table(result))
     report.plot_compare(result, out / "compare_hybrid.png")
     # -- numbers quoted in the text
-    return _compare_numbers(result, run)
+    return _compare_numbers(result, run, work)
 
 
 def step_scan(P: Params, out: Path, work: Path) -> dict:
@@ -414,14 +419,14 @@ def step_scan(P: Params, out: Path, work: Path) -> dict:
     acc = [p["acceptance"] for p in summary["points"]]
     fe = summary["free_energy"]
     return {
-        "table": report.scan_table(summary),
+        "table": _tidy(report.scan_table(summary), work),
         "crossings": crossings,
         "binder": crossings.get("binder"),
         "acceptance_min": min(acc),
         "acceptance_max": max(acc),
         "free_energy_max_abs_z": max((v.get("max_abs_z") or 0.0) for v in fe.values()),
         "free_energy_n_compared": sum(int(v.get("n_compared") or 0) for v in fe.values()),
-        "training_s": summary["cost"]["training_s"],
+        "training_s": [summary["cost"]["training_s"][str(L)] for L in P.scan_sizes],
         "sampling_s": summary["cost"]["sampling_s"],
         "n_warnings": len(summary["warnings"]),
     }
@@ -495,7 +500,8 @@ def run(P: Params, out: Path, work: Path, *, force: bool = False) -> dict:
     if force:
         for name in STEPS:
             _remove(work, work_files(name, P))
-    report.write_json(stamp, {"params": params}, "tutorial-params")
+    if held != params or force:
+        report.write_json(stamp, {"params": params}, "tutorial-params")
     numbers = {"params": params, "steps": numbers.get("steps", {}),
                "timing": numbers.get("timing", {})}  # fmt: skip
     redo = False  # True once a step ran: every later step starts afresh
@@ -525,9 +531,11 @@ def run(P: Params, out: Path, work: Path, *, force: bool = False) -> dict:
 
 # ============================================================================ the markdown
 CODE_RE = re.compile(r"(<!-- code: ([\w-]+) -->\n)(.*?)(<!-- /code -->)", re.S)
-TEXT_RE = re.compile(r"(<!-- text: ([\w.]+) -->\n)(.*?)(<!-- /text -->)", re.S)
-NUM_RE = re.compile(r"(<!--n:([\w.]+)(?::([^>]*?))?-->)(.*?)(<!--/n-->)", re.S)
-PENDING = "*pending*"
+TEXT_RE = re.compile(r"(<!-- text: ([\w.-]+) -->\n)(.*?)(<!-- /text -->)", re.S)
+NUM_RE = re.compile(r"(<!--n:([\w.-]+)(?::([^>]*?))?-->)(.*?)(<!--/n-->)", re.S)
+PENDING = "*pending*"  # not computed yet (no full run, or the step has not run)
+NONE = "n/a"  # computed, and undefined (e.g. no crossing in the range)
+MISSING = object()
 
 
 def _region(source: str, name: str) -> str:
@@ -563,19 +571,22 @@ def code_block(name: str, source: str) -> str:
 
 
 def lookup(numbers: Mapping[str, Any], key: str) -> Any:
-    """A dotted key (``train.steps``) in the steps' numbers, or ``timing.<step>.cpu_s``."""
+    """A dotted key (``train.steps``) in the steps' numbers, or ``timing.<step>.cpu_s``;
+    :data:`MISSING` if absent."""
     node: Any = {**numbers.get("steps", {}), "timing": numbers.get("timing", {})}
     for part in key.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return None
+            return MISSING
         node = node[part]
     return node
 
 
 def format_number(value: Any, spec: str | None) -> str:
     """How a number appears in the text: ``value ± error`` pairs by :func:`report.fmt`."""
-    if value is None:
+    if value is MISSING:
         return PENDING
+    if value is None:
+        return NONE
     if isinstance(value, Mapping) and "value" in value:
         return report.fmt(value["value"], value.get("error")) if not spec else format(
             value["value"], spec)
@@ -604,7 +615,7 @@ def render_doc(doc: str, numbers: Mapping[str, Any], *, source: str | None = Non
 
     def text(m: re.Match) -> str:
         value = lookup(numbers, m.group(2))
-        body = PENDING + "\n" if value is None else f"```text\n{str(value).rstrip()}\n```\n"
+        body = PENDING + "\n" if value is MISSING else f"```text\n{str(value).rstrip()}\n```\n"
         return m.group(1) + body + m.group(4)
 
     doc = TEXT_RE.sub(text, doc)
