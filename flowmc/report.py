@@ -21,6 +21,8 @@ JSON kind                 written by
 ``scan``                  ``flowmc scan``: ``DIR/summary.json`` (and the CSV ``summary.csv``)
 ``scan-manifest``         ``flowmc scan``: ``DIR/manifest.json`` (the scan's settings)
 ``scan-logz``             ``flowmc scan``: ``DIR/L<L>_lam<lam>.logz.json`` (a flow's log Z)
+``tutorial``              ``scripts/tutorial.py``: ``OUT/tutorial.json`` (the numbers of the doc)
+``tutorial-params``       ``scripts/tutorial.py``: ``WORK/params.json`` (the run's sizes)
 ========================  ================================================================
 
 CSV reports (:func:`write_csv`) start with the line ``# flowmc_report: <kind>``.
