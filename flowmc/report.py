@@ -21,6 +21,8 @@ JSON kind                 written by
 ``scan``                  ``flowmc scan``: ``DIR/summary.json`` (and the CSV ``summary.csv``)
 ``scan-manifest``         ``flowmc scan``: ``DIR/manifest.json`` (the scan's settings)
 ``scan-logz``             ``flowmc scan``: ``DIR/L<L>_lam<lam>.logz.json`` (a flow's log Z)
+``tutorial``              ``scripts/tutorial.py``: ``OUT/tutorial.json`` (the numbers of the doc)
+``tutorial-params``       ``scripts/tutorial.py``: ``WORK/params.json`` (the run's sizes)
 ========================  ================================================================
 
 CSV reports (:func:`write_csv`) start with the line ``# flowmc_report: <kind>``.
@@ -35,6 +37,9 @@ PNG kind                  file
 ``action-vs-effective``   ``action_vs_effective.png`` (analyze) and ``eval --plot``
 ``compare``               ``compare --plots DIR``: ``cost_per_independent.png``
 ``train-history``         ``flowmc train`` (``--plot``, default ``<out>.train.png``)
+``configurations``        :func:`plot_configurations` (``scripts/tutorial.py``)
+``coupling``              :func:`plot_coupling` (``scripts/tutorial.py``)
+``histograms``            :func:`plot_histograms` (``scripts/tutorial.py``)
 ``scan-chi2``             ``flowmc scan``: ``DIR/chi2.png`` (and :data:`SCAN_PLOTS`)
 ========================  ================================================================
 """
@@ -64,6 +69,9 @@ __all__ = [
     "ANALYSIS_PLOTS",
     "analysis_plots",
     "plot_action_vs_effective",
+    "plot_configurations",
+    "plot_coupling",
+    "plot_histograms",
     "compare_table",
     "COMPARE_PLOT",
     "plot_compare",
@@ -468,6 +476,169 @@ def plot_action_vs_effective(
     ax.set_title(title or "action vs effective action")
     ax.legend(fontsize=7)
     return save_figure(fig, path, "action-vs-effective", inputs=inputs)
+
+
+# ============================================================ fields, layers, histograms
+def _numpy(x: Any) -> np.ndarray:
+    """A float64 numpy copy of a numpy array or a (possibly grad-tracking) torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=float)
+
+
+def plot_configurations(
+    phi: Any,
+    path: PathLike,
+    *,
+    title: str = "",
+    n: int = 16,
+    inputs: Iterable[PathLike] = (),
+) -> Path:
+    """The seed notebook's picture of field configurations: tanh(φ) of the first ``n`` (a
+    square grid of panels; colour range [-1, 1]), so smooth patches show correlations.
+
+    Args:
+        phi: ``(B, L_1, L_2)`` configurations of a 2-d lattice (numpy or torch).
+        path: the PNG to write (kind ``configurations``).
+        title: figure title.
+        n: how many to show (at most ``B``; the grid is ``ceil(sqrt(n))`` wide).
+        inputs: files the command reads.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: if ``phi`` is not a batch of 2-d configurations or ``n < 1``.
+    """
+    arr = _numpy(phi)
+    if arr.ndim != 3 or arr.shape[0] < 1:
+        raise ValueError(f"Expected phi of shape (B, L1, L2) with B >= 1; got {arr.shape}")
+    if n < 1:
+        raise ValueError(f"Expected n >= 1; got {n}")
+    n = min(n, arr.shape[0])
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    fig = _figure(figsize=(1.1 * cols + 0.6, 1.1 * rows + 0.5), dpi=100, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    image = None
+    for i, ax in enumerate(axes):
+        ax.set_axis_off()
+        if i < n:
+            image = ax.imshow(np.tanh(arr[i]), vmin=-1, vmax=1, cmap="viridis")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), shrink=0.8, label=r"$\tanh\,\phi$")
+    fig.suptitle(title or "configurations")
+    return save_figure(fig, path, "configurations", inputs=inputs)
+
+
+def plot_coupling(
+    mask: Any,
+    jacobian: Any,
+    path: PathLike,
+    *,
+    title: str = "",
+    inputs: Iterable[PathLike] = (),
+) -> Path:
+    """One coupling layer: its checkerboard mask and the magnitude of its Jacobian with the sites
+    ordered frozen first, then transformed, where the matrix is block triangular (identity on
+    the frozen block, diagonal on the transformed one, zero above).
+
+    Args:
+        mask: ``(*L)`` 0/1 mask, 1 = transformed sites.
+        jacobian: ``(V, V)`` Jacobian ``d y / d x`` of the layer on flattened configurations.
+        path: the PNG to write (kind ``coupling``).
+        title: figure title.
+        inputs: files the command reads.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: if the Jacobian is not ``(V, V)`` for the mask's ``V`` sites.
+    """
+    m = _numpy(mask)
+    jac = _numpy(jacobian)
+    vol = m.size
+    if jac.shape != (vol, vol):
+        raise ValueError(f"Expected a ({vol}, {vol}) Jacobian for the mask; got {jac.shape}")
+    order = np.concatenate([np.flatnonzero(m.ravel() == 0), np.flatnonzero(m.ravel() != 0)])
+    mag = np.abs(jac[np.ix_(order, order)])
+    tiny = mag[mag > 0].min() if np.any(mag > 0) else 1.0
+    fig = _figure(figsize=(9, 4), dpi=100, layout="constrained")
+    ax_m, ax_j = fig.subplots(1, 2, width_ratios=(1, 1.3))
+    if m.ndim == 2:
+        ax_m.imshow(m, cmap="gray_r", vmin=0, vmax=1.6)
+    else:
+        ax_m.imshow(m.reshape(1, -1), cmap="gray_r", vmin=0, vmax=1.6, aspect="auto")
+    ax_m.set_title("mask (dark: transformed, light: frozen)")
+    ax_m.set_xticks([])
+    ax_m.set_yticks([])
+    shown = ax_j.imshow(np.log10(np.where(mag > 0, mag, tiny * 1e-3)), cmap="magma",
+                        vmin=np.log10(tiny), interpolation="nearest")  # fmt: skip
+    n_frozen = int(np.count_nonzero(m.ravel() == 0))
+    ax_j.axhline(n_frozen - 0.5, color="w", lw=0.8)
+    ax_j.axvline(n_frozen - 0.5, color="w", lw=0.8)
+    ax_j.set_xlabel("input site x (frozen, then transformed)")
+    ax_j.set_ylabel("output site y (frozen, then transformed)")
+    ax_j.set_title(r"$\log_{10}|\partial y/\partial x|$ (black: 0)")
+    fig.colorbar(shown, ax=ax_j, shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path, "coupling", inputs=inputs)
+
+
+def plot_histograms(
+    samples: Mapping[str, Any],
+    path: PathLike,
+    *,
+    xlabel: str = "",
+    title: str = "",
+    bins: int = 61,
+    inputs: Iterable[PathLike] = (),
+) -> Path:
+    """Normalised histograms of several samples of one quantity on common bins (e.g. the
+    magnetisation of two samplers), one outline per label.
+
+    Args:
+        samples: ``{label: values}`` (any shape; non-finite values are dropped).
+        path: the PNG to write (kind ``histograms``).
+        xlabel: the quantity.
+        title: figure title.
+        bins: number of common bins.
+        inputs: files the command reads.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: if ``samples`` is empty, a sample has no finite value, or ``bins < 1``.
+    """
+    if not samples:
+        raise ValueError("Expected at least one sample to histogram; got none")
+    if bins < 1:
+        raise ValueError(f"Expected bins >= 1; got {bins}")
+    data = {}
+    for label, values in samples.items():
+        v = _numpy(values).ravel()
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            raise ValueError(f"Expected finite values in sample {label!r}; got none")
+        data[label] = v
+    lo = min(float(v.min()) for v in data.values())
+    hi = max(float(v.max()) for v in data.values())
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    fig = _figure(figsize=(6, 3.8), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for i, (label, v) in enumerate(data.items()):
+        ax.hist(v, bins=edges, density=True, histtype="step", lw=1.5, color=f"C{i}",
+                label=f"{label} (n = {v.size})")  # fmt: skip
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path, "histograms", inputs=inputs)
 
 
 # ============================================================================ compare

@@ -270,3 +270,33 @@ def test_numerical_core_imports_neither_matplotlib_nor_the_cli() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          timeout=120, check=True).stdout.splitlines()  # fmt: skip
     assert out == ["[]", "['flowmc.report']"]
+
+
+def test_field_layer_and_histogram_plots(tmp_path: Path) -> None:
+    """The tutorial's plot helpers write PNG reports of their own kind and refuse bad input."""
+    from flowmc.couplings import AffineCoupling, checkerboard
+    from flowmc.nets import PeriodicCNN
+
+    phi = torch.randn(5, *SHAPE, generator=torch.Generator().manual_seed(0))
+    p = report.plot_configurations(phi, tmp_path / "c.png", title="draws", n=4)
+    assert safeio.sniff(p)[:2] == ("png-report", "configurations")
+    mask = checkerboard(SHAPE, 0)
+    layer = AffineCoupling(mask, PeriodicCNN(2, 1, 2, (4,), zero_init=False)).double()
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    jac = torch.autograd.functional.jacobian(
+        lambda v: layer(v.view(1, *SHAPE))[0].flatten(), x.flatten()
+    )
+    p = report.plot_coupling(mask, jac, tmp_path / "j.png")
+    assert safeio.sniff(p)[:2] == ("png-report", "coupling")
+    p = report.plot_histograms({"a": np.arange(10.0), "b": torch.ones(3)}, tmp_path / "h.png")
+    assert safeio.sniff(p)[:2] == ("png-report", "histograms")
+    # a plot of one kind never replaces a plot of another kind
+    with pytest.raises(FileExistsError):
+        report.plot_histograms({"a": np.arange(3.0)}, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="Expected phi of shape"):
+        report.plot_configurations(phi[0], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="Jacobian"):
+        report.plot_coupling(mask, jac[:3], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="finite values"):
+        report.plot_histograms({"a": [float("nan")]}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
