@@ -429,6 +429,8 @@ class NameLock:
             return self
         if fcntl is None:  # pragma: no cover
             return self
+        # an output in a folder that does not exist yet: make it (as save_checkpoint does)
+        os.makedirs(os.path.dirname(os.path.abspath(self.lock_path)), exist_ok=True)
         while True:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
                          0o644)

@@ -54,7 +54,7 @@ _GLOBAL_FLOW = {
     "momentum": True,
     "zero_mode_bins": 8,
     "extra": {
-        "n_bins": 8,
+        "n_bins": 12,
         "spline_bound": 2.5,
         "out_kernel": 1,
         "blur": [0, 2.0],
@@ -80,7 +80,7 @@ RECIPES: dict[str, dict] = {
         },
         "train": {**_TRAIN, "n_steps": 1800},
     },
-    "default": {"flow": _GLOBAL_FLOW, "train": {**_TRAIN, "n_steps": 1500}},
+    "default": {"flow": _GLOBAL_FLOW, "train": {**_TRAIN, "n_steps": 1450}},
     # the same flow on a short schedule (about 2 CPU-minutes at L = 8)
     "fast": {"flow": _GLOBAL_FLOW, "train": {**_TRAIN, "n_steps": 300}},
     # the same family, wider and deeper, for accelerators (scripts/gpu_L32.py); one stage

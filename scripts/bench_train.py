@@ -1,22 +1,30 @@
-"""Benchmark flowmc's training recipes against the seed recipe on the same machine, same run.
+"""Benchmark flowmc's training recipes on the same machine, in the same run: ESS, acceptance, time.
 
-For each target point and recipe the flow is trained from scratch and the script records the
-training wall time (optimizer steps only; evaluations are excluded), the process CPU time, steps
-and steps/s, the reweighting ESS on 10x1024 fresh samples (on all 10,240 and mean +- spread over
-the 10 batches), the independence-MH acceptance on the same draws, and ESS-vs-time checkpoints
-(1,024 samples every ``--eval-every`` steps). The machine load (``/proc/loadavg``) is stored at the
-start and end of each run: on a shared CPU the wall times are only as good as that load.
+For each point and recipe the flow is trained from scratch (``default`` beyond extent 8 through
+its stages: train at L = 8, transfer, fine-tune — :func:`flowmc.workflow.train_staged`) and the
+script records the training wall time summed over every stage (optimizer steps only), the process
+CPU time of the whole training call, steps and steps/s, the reweighting ESS on 10x1024 fresh
+samples (all 10,240, and mean +- spread over the 10 batches), the independence-MH acceptance on the
+same draws, F_q and log Z. With ``--mh-n`` it also runs a flow Metropolis-Hastings ensemble with the
+trained flow (``--mh-chains`` chains) and reports tau_int(chi2), the longest rejection run and the
+cost per independent chi2 sample; with ``--hmc-n`` an HMC ensemble at the same point (trajectory
+length ``--hmc-traj-length``) and the z-scores of chi2, |m|, U4 and E between the two
+(``flowmc compare``). The load average is stored at the start and end of each run.
 
-Points (issue 7):
-    t1  (L=8,  m2=-4, lam=8)      target ESS >= 0.9 and acceptance >= 0.85, <= 10 min CPU training
-    e2  (L=8,  m2=-4, lam=6.008)  target acceptance >= 0.85
-    e5  (L=14, m2=-4, lam=5.113)  target acceptance >= 0.6, <= 30 min CPU training ("large")
+Points (issues 7 and 10):
+    t1   (L=8,  m2=-4, lam=8)       ESS >= 0.98, acceptance >= 0.93 in <= 10 min; ESS >= 0.9 in <= 2
+    e2   (L=8,  m2=-4, lam=6.008)   the arXiv:1904.12072 line m_p L ~ 4
+    e4   (L=12, m2=-4, lam=5.276)
+    e5   (L=14, m2=-4, lam=5.113)   acceptance >= 0.8 in <= 30 min (all stages)
+    c16  (L=16, m2=-4, lam=4.25)    acceptance >= 0.6 and flow-MH tau_int(chi2) <= 3 in <= 30 min
+    c32  (L=32, m2=-4, lam=4.572)   by transfer, <= 60 CPU-min in all
 
 Examples::
 
-    python scripts/bench_train.py --out bench_train.json                 # t1: seed vs default
+    python scripts/bench_train.py --points t1 --recipes seed,local,fast,default --out t1.json
+    python scripts/bench_train.py --points c16 --recipes default --mh-n 5000 --hmc-n 5000 \
+        --out c16.json
     python scripts/bench_train.py --quick --out /tmp/bench_quick.json    # smoke test (< 1 min)
-    python scripts/bench_train.py --points t1,e2,e5 --out bench_all.json
 """
 
 from __future__ import annotations
@@ -28,22 +36,27 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from flowmc.action import Phi4Action
+from flowmc.checkpoint import load_checkpoint
 from flowmc.evaluate import evaluate_flow
 from flowmc.flow import Z2SymmetricFlow
-from flowmc.recipes import get_recipe
+from flowmc.recipes import Stage, get_recipe, plan_stages
 from flowmc.train import Trainer
-from flowmc.workflow import train_flow
+from flowmc.workflow import train_staged
 
 POINTS = {
-    "t1": {"L": 8, "m2": -4.0, "lam": 8.0, "recipes": ["seed", "default"]},
-    "e2": {"L": 8, "m2": -4.0, "lam": 6.008, "recipes": ["seed", "default"]},
+    "t1": {"L": 8, "m2": -4.0, "lam": 8.0, "recipes": ["seed", "local", "fast", "default"]},
+    "e2": {"L": 8, "m2": -4.0, "lam": 6.008, "recipes": ["local", "default"]},
+    "e4": {"L": 12, "m2": -4.0, "lam": 5.276, "recipes": ["local", "default"]},
     "e5": {"L": 14, "m2": -4.0, "lam": 5.113, "recipes": ["local", "default"]},
+    "c16": {"L": 16, "m2": -4.0, "lam": 4.25, "recipes": ["local", "default"]},
+    "c32": {"L": 32, "m2": -4.0, "lam": 4.572, "recipes": ["default"]},
 }
 
 
@@ -79,14 +92,21 @@ def bench_one(point: str, recipe: str, args: argparse.Namespace) -> dict:
 
     load0 = loadavg()
     cpu0 = time.process_time()
-    result = train_flow(
-        action, recipe=recipe, train_overrides={"n_steps": steps}, seed=args.seed, dtype=dtype,
-        out=None if args.save_dir is None else Path(args.save_dir) / f"{point}_{recipe}.pt",
-        force=True, checkpoint_every=0, progress=False, callback=checkpoint, callback_every=every,
+    out = (Path(args.save_dir) if args.save_dir else Path(args.work)) / f"{point}_{recipe}.pt"
+    stages = None
+    if args.quick:  # the recipe's stages, each cut to the quick step count
+        stages = [Stage(st.lattice_shape, replace(st.train, n_steps=steps))
+                  for st in plan_stages(recipe, action.lattice_shape)]
+    result = train_staged(
+        action, recipe=recipe, stages=stages,
+        train_overrides={"n_steps": args.steps} if args.steps else None,
+        seed=args.seed, dtype=dtype, out=out, force=True, checkpoint_every=0, progress=False,
+        callback=checkpoint if args.curve else None, callback_every=every,
         record={"script": "scripts/bench_train.py", **vars(args)},
-    )  # the library workflow, as `flowmc train` (incl. its Z2 rule)
-    cpu_train = time.process_time() - cpu0  # includes the checkpoints; reported for reference
+    )  # the library workflow, as `flowmc train` (its stages and its Z2 rule)
+    cpu_train = time.process_time() - cpu0  # every stage, checkpoints and curve evaluations
     load1 = loadavg()
+    stage_records = [_stage_record(path) for path in _ancestry(out)]
     trainer, flow_cfg, train_cfg = result.trainer, result.flow.config, result.trainer.config
     n_params = sum(q.numel() for q in result.flow.parameters())
     res = evaluate_flow(result.proposal, action, args.n_eval, batch_size=1024,
@@ -102,10 +122,13 @@ def bench_one(point: str, recipe: str, args: argparse.Namespace) -> dict:
         "n_params": n_params,
         "steps": trainer.step_count,
         "skipped_steps": trainer.skipped_steps,
-        "train_time_s": trainer.elapsed,
+        "stages": stage_records,
+        "train_time_s": result.training_time_total_s,
+        "train_time_last_stage_s": trainer.elapsed,
         "steps_per_s": trainer.step_count / max(trainer.elapsed, 1e-9),
         "samples_per_s": trainer.step_count * train_cfg.batch_size / max(trainer.elapsed, 1e-9),
-        "cpu_time_s_incl_checkpoints": cpu_train,
+        "cpu_time_s": cpu_train,
+        "checkpoint": str(out),
         "loadavg_start": load0,
         "loadavg_end": load1,
         "eval": {
@@ -124,18 +147,85 @@ def bench_one(point: str, recipe: str, args: argparse.Namespace) -> dict:
             "n_nonfinite": res["n_nonfinite"],
         },
         "curve": curve,
+        "mh": _mh_run(out, action, args) if args.mh_n else None,
     }
+
+
+def _ancestry(path: Path) -> list[Path]:
+    """The checkpoint and its init_from ancestors, first stage first."""
+    chain = [path]
+    while True:
+        anc = (load_checkpoint(chain[-1]).get("meta", {}) or {}).get("init_from")
+        if not anc or not Path(anc["path"]).exists():
+            return chain[::-1]
+        chain.append(Path(anc["path"]))
+
+
+def _stage_record(path: Path) -> dict:
+    ck = load_checkpoint(path)
+    meta = ck.get("meta", {}) or {}
+    return {"checkpoint": str(path), "lattice_shape": ck["flow_config"]["lattice_shape"],
+            "steps": (ck.get("trainer_state") or {}).get("step"),
+            "lr": ck["train_config"].get("lr"), "train_time_s": meta.get("training_time_s")}
+
+
+def _mh_run(model_path: Path, action: Phi4Action, args: argparse.Namespace) -> dict:
+    """Flow MH (and optionally HMC) ensembles at the point: tau_int, costs, agreement."""
+    from flowmc.analysis import analyze
+    from flowmc.checkpoint import load_model
+    from flowmc.compare import compare
+    from flowmc.run import HMCSettings, RunConfig, run_ensemble
+
+    work = Path(args.work)
+    flow_h5 = work / f"{model_path.stem}_mh.h5"
+    t0, c0 = time.perf_counter(), time.process_time()
+    summary = run_ensemble(flow_h5, RunConfig(n=args.mh_n, chains=args.mh_chains, seed=args.seed),
+                           model=load_model(model_path), force=True, progress=False)
+    rec: dict = {"flow": {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                          "sampling_s": summary.get("seconds"), "path": str(flow_h5)}}
+    res = analyze(flow_h5, discard=args.mh_n // 20)
+    rec["flow"].update({
+        "acceptance": res.get("acceptance"),
+        "longest_rejection_run": res.get("longest_rejection_run"),
+        **{k: {f: res[k][f] for f in ("value", "error", "tau_int", "tau_int_error", "reliable")}
+           for k in ("chi2", "abs_m", "binder", "energy")},
+    })
+    n_cfg = args.mh_n * args.mh_chains
+    rec["flow"]["cost_per_independent_chi2_s"] = (
+        summary["seconds"] * 2 * res["chi2"]["tau_int"] / n_cfg)
+    if args.hmc_n:
+        hmc_h5 = work / f"{model_path.stem}_hmc.h5"
+        t0, c0 = time.perf_counter(), time.process_time()
+        hs = run_ensemble(hmc_h5, RunConfig(n=args.hmc_n, chains=args.mh_chains, seed=args.seed,
+                                            hmc=HMCSettings(traj_length=args.hmc_traj_length)),
+                          action=action, force=True, progress=False)  # fmt: skip
+        cmp = compare(flow_h5, hmc_h5, discard=min(args.mh_n, args.hmc_n) // 20)
+        labels = cmp["labels"]
+        rec["hmc"] = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                      "sampling_s": hs.get("seconds"), "path": str(hmc_h5),
+                      "step_size": hs.get("step_size"), "acceptance": hs.get("acceptance")}
+        rec["agreement"] = {}
+        for k in ("chi2", "abs_m", "binder", "energy"):
+            row = cmp["observables"].get(k, {})
+            rec["agreement"][k] = {
+                "z": row.get("diff_sigma"),
+                "tau_int_flow": row.get(labels[0], {}).get("tau_int"),
+                "tau_int_hmc": row.get(labels[1], {}).get("tau_int"),
+                "cost_per_independent_s_flow": row.get(labels[0], {}).get("cost_per_independent_s"),
+                "cost_per_independent_s_hmc": row.get(labels[1], {}).get("cost_per_independent_s"),
+            }
+    return rec
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench_train.json"))
-    ap.add_argument("--points", default="t1", help="comma-separated subset of t1,e2,e5")
+    ap.add_argument("--points", default="t1", help=f"comma-separated subset of {sorted(POINTS)}")
     ap.add_argument("--recipes", default=None,
                     help="comma-separated recipes (default: the point's seed/default pair)")
     ap.add_argument("--quick", action="store_true", help="30 steps, 2,048 samples: smoke test")
     ap.add_argument("--steps", type=int, default=None, help="override every recipe's n_steps")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-dir", type=Path, default=None,
@@ -143,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-eval", type=int, default=10240, help="final evaluation samples")
     ap.add_argument("--curve-n", type=int, default=1024, help="samples per ESS checkpoint")
     ap.add_argument("--eval-every", type=int, default=0, help="steps between ESS checkpoints")
+    ap.add_argument("--curve", action="store_true", help="ESS checkpoints during training")
+    ap.add_argument("--work", type=Path, default=Path("results/bench_train"),
+                    help="folder for checkpoints and ensembles (without --save-dir)")
+    ap.add_argument("--mh-n", type=int, default=0, help="flow-MH rows per chain (0: no MH run)")
+    ap.add_argument("--mh-chains", type=int, default=4, help="chains of the MH and HMC runs")
+    ap.add_argument("--hmc-n", type=int, default=0, help="HMC rows per chain (0: no HMC run)")
+    ap.add_argument("--hmc-traj-length", type=float, default=2.0, help="HMC trajectory length")
     args = ap.parse_args(argv)
     if args.quick:
         args.n_eval = min(args.n_eval, 2048)
@@ -168,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             out["runs"].append(run)
             e = run["eval"]
             print(f"{pt:3s} {rec:8s} steps {run['steps']:6d}  train {run['train_time_s']:7.1f} s "
+                  f"(cpu {run['cpu_time_s']:7.1f} s) "
                   f"({run['steps_per_s']:.2f} steps/s)  ESS(all {e['n']}) {e['ess_all']:.3f}  "
                   f"ESS(batch) {e['ess_batch_mean']:.3f} +- {e['ess_batch_sd']:.3f}  "
                   f"MH acc {e['mh_acceptance']:.3f}  load {run['loadavg_start'][0]:.1f}->"

@@ -256,3 +256,18 @@ def test_tutorial_cli_commands_parse():
         commands[argv[0]].parse_args(argv[1:])  # exits (SystemExit) on an unknown option
     with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
         commands["sample"].parse_args(["--model", "flow.pt", "--n-configs", "5"])  # control
+
+
+def test_bench_train_quick(tmp_path):
+    """scripts/bench_train.py end to end (30 steps): training, evaluation, a flow-MH and an HMC
+    ensemble at the point and their agreement, in the JSON the recipe tables are built from."""
+    out = tmp_path / "bt.json"
+    _run([str(ROOT / "scripts" / "bench_train.py"), "--quick", "--points", "t1", "--recipes",
+          "fast", "--mh-n", "40", "--hmc-n", "40", "--work", str(tmp_path / "w"), "--out",
+          str(out)], tmp_path)  # fmt: skip
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["recipe"] == "fast" and run["steps"] == 30 and run["cpu_time_s"] > 0
+    assert len(run["stages"]) == 1 and 0 < run["eval"]["mh_acceptance"] <= 1
+    mh = run["mh"]
+    assert mh["flow"]["chi2"]["tau_int"] >= 0.5 and mh["hmc"]["acceptance"] > 0
+    assert set(mh["agreement"]) == {"chi2", "abs_m", "binder", "energy"}
