@@ -271,3 +271,17 @@ def test_bench_train_quick(tmp_path):
     mh = run["mh"]
     assert mh["flow"]["chi2"]["tau_int"] >= 0.5 and mh["hmc"]["acceptance"] > 0
     assert set(mh["agreement"]) == {"chi2", "abs_m", "binder", "energy"}
+
+
+def test_explore_flow_smoke(tmp_path):
+    """scripts/explore_flow.py: train, evaluate, save, and continue on twice the lattice."""
+    small, log = tmp_path / "s.pt", tmp_path / "e.jsonl"
+    args = ["--flow", '{"momentum": true, "n_layers": 2, "hidden": [4]}', "--neval", "64",
+            "--out", str(log)]
+    _run([str(ROOT / "scripts" / "explore_flow.py"), "--L", "4", "--evals", "2,4", "--save",
+          str(small), *args], tmp_path)  # fmt: skip
+    _run([str(ROOT / "scripts" / "explore_flow.py"), "--L", "8", "--evals", "0,2", "--init",
+          str(small), *args], tmp_path)  # fmt: skip
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [[p["step"] for p in r["curve"]] for r in recs] == [[2, 4], [0, 2]]
+    assert all(0 < p["acc"] <= 1 for r in recs for p in r["curve"])
