@@ -34,6 +34,7 @@ from flowmc.autocorr import kish_ess
 from flowmc.diagnostics import Z2_SIGMA, SignBalance, binomial_error, sign_balance_rule
 
 __all__ = [
+    "weights_by_magnetization",
     "FlowEvaluation",
     "evaluate_flow",
     "evaluate_model",
@@ -89,6 +90,8 @@ class FlowEvaluation:
         n_nonfinite: samples with a non-finite weight (counted as zero weight).
         z2_symmetric_action: whether the target is Z2 symmetric.
         sign_balance: the Z2 sign rule's outcome (``None`` if the target is not Z2 symmetric).
+        by_magnetization: where the flow errs, per bin of the magnetisation density
+            :math:`\bar\phi` (:func:`weights_by_magnetization`).
         seconds, model, action, symmetric, log_z_exact: filled by :func:`evaluate_model`.
         samples: the draws, ``{"action", "log_q", "magnetization"}`` float64 arrays ``(n,)``.
     """
@@ -109,6 +112,7 @@ class FlowEvaluation:
     n_nonfinite: int
     z2_symmetric_action: bool
     sign_balance: SignBalance | None
+    by_magnetization: list[dict[str, float]] = field(default_factory=list)
     seconds: float | None = None
     model: str | None = None
     action: dict | None = None
@@ -200,8 +204,58 @@ def evaluate_flow(
         n_nonfinite=int((~finite).sum()),
         z2_symmetric_action=z2,
         sign_balance=sign_balance_rule(pos, pos_err) if z2 else None,
+        by_magnetization=weights_by_magnetization(
+            s["magnetization"] / math.prod(action.lattice_shape), log_w
+        ),
         samples=s,
     )
+
+
+def weights_by_magnetization(
+    mbar: np.ndarray, log_w: np.ndarray, n_bins: int = 8, min_count: int = 20
+) -> list[dict[str, float]]:
+    r"""Importance weights binned by the magnetisation density: where a flow errs.
+
+    For equal-count bins of :math:`\bar\phi = M/V` (over the draws of the flow) each entry
+    gives the bin's range, the fraction of draws in it under the flow (``q_frac``) and under the
+    target (``p_frac``, the normalised weight in the bin: a mismatch means the magnetisation's
+    distribution is wrong), and the mean (relative to the overall mean) and standard deviation
+    of :math:`\log w` there (a large spread means the flow is poor in that region, e.g. at
+    :math:`\bar\phi \approx 0` near a transition, where the configurations hold domain walls).
+
+    Args:
+        mbar: ``(n,)`` magnetisation densities of the draws.
+        log_w: ``(n,)`` their log weights (non-finite: weight 0).
+        n_bins: bins (equal numbers of draws).
+        min_count: bins with fewer finite draws are merged away (few draws: fewer bins).
+
+    Returns:
+        A list of dicts ``{lo, hi, q_frac, p_frac, mean_log_w, sd_log_w, n}``.
+    """
+    mbar = np.asarray(mbar, dtype=np.float64)
+    log_w = np.asarray(log_w, dtype=np.float64)
+    finite = np.isfinite(log_w)
+    n_bins = int(max(1, min(n_bins, finite.sum() // max(min_count, 1))))
+    edges = np.quantile(mbar, np.linspace(0.0, 1.0, n_bins + 1))
+    edges[0], edges[-1] = -np.inf, np.inf
+    shift = log_w[finite].max() if finite.any() else 0.0
+    w = np.where(finite, np.exp(np.where(finite, log_w, shift) - shift), 0.0)
+    total = w.sum()
+    mean_all = log_w[finite].mean() if finite.any() else float("nan")
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (mbar >= lo) & (mbar < hi) if np.isfinite(hi) else mbar >= lo
+        ok = sel & finite
+        out.append({
+            "lo": float(mbar[sel].min()) if sel.any() else float("nan"),
+            "hi": float(mbar[sel].max()) if sel.any() else float("nan"),
+            "n": int(sel.sum()),
+            "q_frac": float(sel.mean()),
+            "p_frac": float(w[sel].sum() / total) if total > 0 else float("nan"),
+            "mean_log_w": float(log_w[ok].mean() - mean_all) if ok.any() else float("nan"),
+            "sd_log_w": float(log_w[ok].std()) if ok.sum() > 1 else float("nan"),
+        })
+    return out
 
 
 def evaluate_model(

@@ -798,6 +798,14 @@ def eval_table(res: Any) -> str:
     ]
     if d["n_nonfinite"]:
         lines.append(f"non-finite   {d['n_nonfinite']} samples had non-finite weights")
+    bins = d.get("by_magnetization") or []
+    if bins:
+        lines.append("by m = M/V   (equal-count bins: draws under q and p, spread of log w)")
+        for b in bins:
+            lines.append(
+                f"  [{b['lo']:+.3f}, {b['hi']:+.3f}]  q {b['q_frac']:.3f}  p {b['p_frac']:.3f}  "
+                f"<log w> {b['mean_log_w']:+.3f}  sd {b['sd_log_w']:.3f}"
+            )
     sb = d.get("sign_balance")
     if sb is not None and sb["imbalanced"]:
         lines.append(

@@ -134,3 +134,25 @@ def test_real_rule_is_quiet_on_balanced_data(balanced_ensemble: str) -> None:
     res = analysis.analyze(balanced_ensemble)
     assert res.diagnostics.sign_balance.imbalanced is False
     assert not any("Z2" in w for w in res["warnings"])
+
+
+def test_weights_by_magnetization_locates_the_error() -> None:
+    """Equal-count bins of m: exact weights give p_frac == q_frac and no spread (control);
+    weights that are noisy only near m = 0 show the spread there and nowhere else, and a flow
+    that under-weights m > 0 shows p_frac above q_frac there."""
+    from flowmc.evaluate import weights_by_magnetization
+
+    rng = np.random.default_rng(0)
+    m = rng.uniform(-1, 1, 20000)
+    flat = weights_by_magnetization(m, np.zeros_like(m), n_bins=4)
+    assert len(flat) == 4 and all(b["n"] == 5000 for b in flat)
+    for b in flat:
+        assert abs(b["p_frac"] - b["q_frac"]) < 1e-12 and b["sd_log_w"] == 0.0
+    noisy = np.where(np.abs(m) < 0.25, rng.normal(0, 1.0, m.size), 0.0)
+    bins = weights_by_magnetization(m, noisy, n_bins=4)
+    sds = [b["sd_log_w"] for b in bins]
+    assert sds[0] == 0.0 and sds[3] == 0.0 and min(sds[1], sds[2]) > 0.5
+    tilted = weights_by_magnetization(m, np.where(m > 0, np.log(2.0), 0.0), n_bins=2)
+    assert tilted[1]["p_frac"] == pytest.approx(2 / 3, abs=0.01) and tilted[1]["q_frac"] == 0.5
+    few = weights_by_magnetization(m[:30], np.zeros(30))  # too few draws: fewer bins
+    assert len(few) == 1 and few[0]["n"] == 30
