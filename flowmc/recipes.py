@@ -40,22 +40,26 @@ _TRAIN = {  # the training schedule every current recipe shares (steps differ)
     "lr_min_factor": 0.02,
     "grad_clip": 10.0,
 }
-#: the architecture of ``default`` (docs/recipes.md): a momentum-space layer, an odd spline of the
-#: magnetisation and magnetisation-dependent momentum scales, then 6 Z2-equivariant spline
-#: couplings whose conditioners also see the field's mean and a smoothed copy of it
-_GLOBAL_FLOW = {
+_LOCAL_FLOW = {  # flowmc 0.1's default: local spline couplings only
     "n_layers": 6,
     "hidden": (16, 16),
     "kernel_size": 3,
     "activation": "leaky_relu",
     "coupling": "spline",
     "prior_sigma": 0.5,
+    "extra": {"n_bins": 8, "spline_bound": 2.5},
+}
+#: the architecture of ``default`` (docs/recipes.md): a momentum-space layer, an odd spline of the
+#: magnetisation and magnetisation-dependent momentum scales, then 6 Z2-equivariant spline
+#: couplings whose conditioners also see the field's mean and a smoothed copy of it
+_GLOBAL_FLOW = {
+    **_LOCAL_FLOW,
     "equivariant": True,
     "momentum": True,
     "zero_mode_bins": 8,
     "extra": {
+        **_LOCAL_FLOW["extra"],
         "n_bins": 12,
-        "spline_bound": 2.5,
         "out_kernel": 1,
         "blur": [0, 2.0],
         "zero_mode_bound": 1.0,
@@ -69,15 +73,7 @@ RECIPES: dict[str, dict] = {
     },
     # flowmc 0.1's default: local spline couplings only (the reference line of the benchmarks)
     "local": {
-        "flow": {
-            "n_layers": 6,
-            "hidden": (16, 16),
-            "kernel_size": 3,
-            "activation": "leaky_relu",
-            "coupling": "spline",
-            "prior_sigma": 0.5,
-            "extra": {"n_bins": 8, "spline_bound": 2.5},
-        },
+        "flow": _LOCAL_FLOW,
         "train": {**_TRAIN, "n_steps": 1800},
     },
     "default": {"flow": _GLOBAL_FLOW, "train": {**_TRAIN, "n_steps": 1450}},

@@ -76,6 +76,51 @@ def _chebyshev_nodes(n: int) -> np.ndarray:
     return np.cos(np.pi * (np.arange(n) + 0.5) / n)
 
 
+def _scale_modes(
+    x: Tensor, log_scale: Tensor, orbit: Tensor, counts: Tensor, sign: float,
+    lattice_shape: tuple[int, ...],
+) -> tuple[Tensor, Tensor]:
+    """Multiply every Fourier mode of ``x`` by ``exp(sign * log_scale[orbit])``.
+
+    Args:
+        x: ``(B, *L)`` fields.
+        log_scale: ``(n_orbits,)`` or, per sample, ``(B, n_orbits)`` log scales.
+        orbit: ``(*L)`` orbit id of each momentum; counts: ``(n_orbits,)`` momenta per orbit.
+        sign: ``+1`` (forward) or ``-1`` (inverse).
+        lattice_shape: ``L``.
+
+    Returns:
+        ``(y, log_det)``: the scaled fields and ``sign * sum_k log_scale(k)`` per sample.
+    """
+    dims = tuple(range(1, len(lattice_shape) + 1))
+    half = log_scale[..., orbit[..., : lattice_shape[-1] // 2 + 1]]  # (B?, *half)
+    log_det = sign * (log_scale.double() * counts).sum(-1).to(log_scale.dtype)
+    xk = torch.fft.rfftn(x, dim=dims)
+    y = torch.fft.irfftn(xk * torch.exp(sign * half).to(xk.real.dtype), s=lattice_shape, dim=dims)
+    return y.to(x.dtype), log_det.expand(x.shape[0])
+
+
+def _interp_in_khat2(
+    values: np.ndarray, old_lattice_shape: Sequence[int], new_lattice_shape: Sequence[int],
+) -> np.ndarray:
+    """Per-orbit ``values (n_old, ...)`` on another lattice: averaged over orbits of equal
+    :math:`\hat k^2`, interpolated linearly in :math:`\hat k^2`; returns ``(n_new, ...)``."""
+    _, k_old = momentum_orbits(old_lattice_shape)
+    _, k_new = momentum_orbits(new_lattice_shape)
+    if values.shape[0] != k_old.size:
+        raise ValueError(
+            f"Expected {k_old.size} orbit values for lattice {tuple(old_lattice_shape)}; got "
+            f"{values.shape[0]}"
+        )
+    xs, idx = np.unique(k_old, return_inverse=True)
+    flat = values.reshape(len(k_old), -1)
+    out = np.empty((len(k_new), flat.shape[1]))
+    for j in range(flat.shape[1]):  # both grids span [0, 4d] for even extents
+        ys = np.bincount(idx, weights=flat[:, j]) / np.bincount(idx)
+        out[:, j] = np.interp(k_new, xs, ys)
+    return out.reshape(len(k_new), *values.shape[1:])
+
+
 def _momenta(lattice_shape: Sequence[int]) -> list[np.ndarray]:
     """Integer momentum grids ``n_mu`` (FFT ordering), each of shape ``lattice_shape``."""
     return list(np.meshgrid(*[np.arange(n) for n in lattice_shape], indexing="ij"))
@@ -140,7 +185,6 @@ class MomentumScaling(nn.Module):
                              persistent=False)
         shape = (len(khat2),) if self.degree is None else (len(khat2), self.degree + 1)
         self.log_sigma = nn.Parameter(torch.zeros(shape))
-        self._dims = tuple(range(1, len(self.lattice_shape) + 1))
 
     @property
     def n_orbits(self) -> int:
@@ -153,14 +197,7 @@ class MomentumScaling(nn.Module):
 
     def _scaled(self, x: Tensor, sign: float, context: Tensor | None) -> tuple[Tensor, Tensor]:
         ls = self.orbit_log_sigma(context)  # (n_orbits,) or (B, n_orbits)
-        half = ls[..., self.orbit[..., : self.lattice_shape[-1] // 2 + 1]]  # (B?, *half)
-        log_det = sign * (ls.double() * self.counts).sum(-1).to(ls.dtype)
-        if ls.dim() == 2:  # per-sample scales broadcast over the half grid
-            half = half.view(x.shape[0], *half.shape[1:])
-        xk = torch.fft.rfftn(x, dim=self._dims)
-        factor = torch.exp(sign * half).to(xk.real.dtype)
-        y = torch.fft.irfftn(xk * factor, s=self.lattice_shape, dim=self._dims)
-        return y.to(x.dtype), log_det.expand(x.shape[0])
+        return _scale_modes(x, ls, self.orbit, self.counts, sign, self.lattice_shape)
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._scaled(z, 1.0, context)
@@ -208,20 +245,11 @@ class MomentumScaling(nn.Module):
                 f"{tuple(new_lattice_shape)}"
             )
         old = state["log_sigma"].detach().double().cpu().numpy()
-        _, k_old = momentum_orbits(old_lattice_shape)
-        _, k_new = momentum_orbits(new_lattice_shape)
-        if old.shape[0] != k_old.size:
-            raise ValueError(
-                f"Expected log_sigma with {k_old.size} orbits for lattice "
-                f"{tuple(old_lattice_shape)}; got {old.shape}"
-            )
-        xs, idx = np.unique(k_old, return_inverse=True)  # average orbits of equal khat2
 
-        def resample(log_sigma: np.ndarray) -> np.ndarray:
-            inv_var = np.exp(-2.0 * log_sigma)
-            ys = np.bincount(idx, weights=inv_var) / np.bincount(idx)
-            new_inv_var = np.interp(k_new, xs, ys)  # both grids span [0, 4d] for even extents
-            return -0.5 * np.log(new_inv_var)
+        def resample(log_sigma: np.ndarray) -> np.ndarray:  # sigma^-2 linear in khat^2
+            inv_var = _interp_in_khat2(np.exp(-2.0 * log_sigma), old_lattice_shape,
+                                       new_lattice_shape)  # fmt: skip
+            return -0.5 * np.log(inv_var)
 
         if old.ndim == 1:
             new = resample(old)
@@ -270,7 +298,6 @@ class ZeroModeSpline(nn.Module):
         # odd: the derivative at the centre knot and at the K-1 interior knots of [0, B]
         n_d = self.n_bins if self.odd else self.n_bins - 1
         self.raw_d = nn.Parameter(torch.zeros(n_d, *tail))
-        self._dims = tuple(range(1, len(self.lattice_shape) + 1))
 
     def _params(self, n: int, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Raw spline parameters per sample: ``(n, K)``, ``(n, K)``, ``(n, K - 1)``."""
@@ -356,7 +383,6 @@ class ZeroModeSpectrum(nn.Module):
         self.register_buffer("keep", keep, persistent=False)
         tail = () if self.degree is None else (self.degree + 1,)
         self.coef = nn.Parameter(torch.zeros(len(khat2), self.powers, *tail))
-        self._dims = tuple(range(1, len(self.lattice_shape) + 1))
 
     def _scaled(self, x: Tensor, sign: float, context: Tensor | None) -> tuple[Tensor, Tensor]:
         mbar = x.flatten(1).mean(1)
@@ -368,13 +394,7 @@ class ZeroModeSpectrum(nn.Module):
             ls = upow @ coef.t()  # (B, n_orbits)
         else:
             ls = torch.einsum("bkd,bd->bk", coef, upow)
-        ls = ls * self.keep
-        log_det = sign * (ls.double() * self.counts).sum(-1).to(ls.dtype)
-        half = ls[:, self.orbit[..., : self.lattice_shape[-1] // 2 + 1]]
-        xk = torch.fft.rfftn(x, dim=self._dims)
-        y = torch.fft.irfftn(xk * torch.exp(sign * half).to(xk.real.dtype), s=self.lattice_shape,
-                             dim=self._dims)
-        return y.to(x.dtype), log_det
+        return _scale_modes(x, ls * self.keep, self.orbit, self.counts, sign, self.lattice_shape)
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._scaled(z, 1.0, context)
@@ -389,23 +409,12 @@ class ZeroModeSpectrum(nn.Module):
         new_lattice_shape: Sequence[int],
     ) -> dict[str, Tensor]:
         """Coefficients interpolated linearly in :math:`\\hat k^2` (the zero mode stays 0)."""
-        old = state["coef"].detach().double().cpu().numpy()
+        old = state["coef"].detach().double().cpu().numpy().copy()
         _, k_old = momentum_orbits(old_lattice_shape)
-        _, k_new = momentum_orbits(new_lattice_shape)
-        if old.shape[0] != k_old.size:
-            raise ValueError(
-                f"Expected coef with {k_old.size} orbits for lattice {tuple(old_lattice_shape)}; "
-                f"got {old.shape}"
-            )
-        xs, idx = np.unique(k_old[1:], return_inverse=True)
-        flat = old[1:].reshape(len(k_old) - 1, -1)
-        ys = np.stack([np.bincount(idx, weights=flat[:, j]) / np.bincount(idx)
-                       for j in range(flat.shape[1])], 1)
-        new = np.zeros((len(k_new), flat.shape[1]))
-        for j in range(flat.shape[1]):
-            new[1:, j] = np.interp(k_new[1:], xs, ys[:, j])
-        return {"coef": torch.as_tensor(new.reshape(len(k_new), *old.shape[1:]),
-                                        dtype=state["coef"].dtype)}
+        old[0] = old[1 + int(np.argmin(k_old[1:]))]  # flat below the smallest non-zero momentum
+        new = _interp_in_khat2(old, old_lattice_shape, new_lattice_shape)
+        new[0] = 0.0  # the zero mode is never scaled
+        return {"coef": torch.as_tensor(new, dtype=state["coef"].dtype)}
 
     def extra_repr(self) -> str:
         return f"powers={self.powers}, scale={self.scale}, degree={self.degree}"
