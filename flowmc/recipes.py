@@ -76,9 +76,9 @@ RECIPES: dict[str, dict] = {
         "flow": _LOCAL_FLOW,
         "train": {**_TRAIN, "n_steps": 1800},
     },
-    "default": {"flow": _GLOBAL_FLOW, "train": {**_TRAIN, "n_steps": 1250}},
+    "default": {"flow": _GLOBAL_FLOW, "train": {**_TRAIN, "n_steps": 1450}},
     # the same flow on a short schedule (under 2 CPU-minutes at L = 8)
-    "fast": {"flow": _GLOBAL_FLOW, "train": {**_TRAIN, "n_steps": 250}},
+    "fast": {"flow": _GLOBAL_FLOW, "train": {**_TRAIN, "n_steps": 200}},
     # the same family, wider and deeper, for accelerators (scripts/gpu_L32.py); one stage
     "large": {
         "flow": {**_GLOBAL_FLOW, "n_layers": 8, "hidden": (32, 32)},
