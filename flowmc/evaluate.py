@@ -73,7 +73,7 @@ def draw_samples(
 
 @dataclass
 class FlowEvaluation:
-    """Quality of a flow on fresh samples (:func:`evaluate_flow`).
+    r"""Quality of a flow on fresh samples (:func:`evaluate_flow`).
 
     Indexing gives the JSON form (``res["ess"]``); :meth:`to_dict` returns all of it.
 

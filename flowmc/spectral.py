@@ -103,7 +103,7 @@ def _scale_modes(
 def _interp_in_khat2(
     values: np.ndarray, old_lattice_shape: Sequence[int], new_lattice_shape: Sequence[int],
 ) -> np.ndarray:
-    """Per-orbit ``values (n_old, ...)`` on another lattice: averaged over orbits of equal
+    r"""Per-orbit ``values (n_old, ...)`` on another lattice: averaged over orbits of equal
     :math:`\hat k^2`, interpolated linearly in :math:`\hat k^2`; returns ``(n_new, ...)``."""
     _, k_old = momentum_orbits(old_lattice_shape)
     _, k_new = momentum_orbits(new_lattice_shape)
