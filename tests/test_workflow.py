@@ -144,6 +144,15 @@ def test_cli_init_from_records_ancestry_and_total_time(tmp_path, capsys):
     assert ck2["meta"]["training_time_total_s"] == pytest.approx(
         ck2["meta"]["training_time_s"] + ck["meta"]["training_time_total_s"]
     )
+    # one coupling given: the other is the ancestor's (m2 = -4 here, lam from the flag)
+    one = tmp_path / "one.pt"
+    assert main(["train", "--init-from", str(mid), "--L", "8", "--lam", "5", "--out", str(one),
+                 *args]) == 0  # fmt: skip
+    assert load_checkpoint(one)["action"] == {"name": "phi4", "m2": -4.0, "lam": 5.0,
+                                              "lattice_shape": [8, 8]}  # fmt: skip
+    assert main(["train", "--L", "8", "--lam", "5", "--out", str(tmp_path / "x.pt"),
+                 *args]) == 2  # negative control: without --init-from both are required
+    assert "--m2 and --lam are required" in capsys.readouterr().err
     # a resumed stage keeps its ancestry
     assert main(["train", "--resume", "--out", str(big), "--steps", "4", "--quiet"]) == 0
     ck3 = load_checkpoint(big)

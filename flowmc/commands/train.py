@@ -101,16 +101,19 @@ def _action(args: argparse.Namespace) -> Phi4Action | None:
     """The target action; with --init-from and no couplings given, the ancestor's at --L."""
     if args.resume:
         return None
-    given = any(getattr(args, k) is not None for k in ("m2", "lam", "kappa", "lam_h"))
     if isinstance(args.lam, tuple):  # a flow conditioned on lam: the action at the midpoint
         lo, hi = args.lam
         return action_from_args(argparse.Namespace(**{**vars(args), "lam": 0.5 * (lo + hi)}))
-    if args.init_from is None or given:
+    hopping = args.kappa is not None or args.lam_h is not None
+    if args.init_from is None or hopping or (args.m2 is not None and args.lam is not None):
         return action_from_args(args)
     if args.L is None:
         raise ValueError("--L is required (lattice extent of the new flow)")
     old = Phi4Action.from_params(load_checkpoint(args.init_from)["action"])
-    return Phi4Action(old.m2, old.lam, (args.L,) * args.dim)
+    # a coupling not given is the ancestor's (e.g. --init-from L16.pt --L 32 --lam 4.572)
+    m2 = old.m2 if args.m2 is None else args.m2
+    lam = old.lam if args.lam is None else args.lam
+    return action_from_args(argparse.Namespace(**{**vars(args), "m2": m2, "lam": lam}))
 
 
 def _staged_args(args: argparse.Namespace) -> argparse.Namespace:
