@@ -103,9 +103,14 @@ def deferred_sigint() -> Iterator[None]:
     """Hold back Ctrl-C (SIGINT) until the block is done, then deliver it.
 
     Used around a commit, so that an interrupt never lands between writing the data and writing
-    the commit record. Outside the main thread (where handlers cannot be set) it does nothing.
+    the commit record. Outside the main thread (where handlers cannot be set) it does nothing,
+    and an ignored SIGINT (a process started by ``nohup`` or as a background job of a shell
+    without job control) stays ignored.
     """
     if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         yield
         return
     pending: list[Any] = []

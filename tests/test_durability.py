@@ -347,3 +347,43 @@ def test_failed_checkpoint_save_keeps_the_previous_checkpoint(
     assert "previous checkpoint there is unchanged" in err
     assert out.read_bytes() == before and _stray(tmp_path) == []
     assert load_checkpoint(out)["trainer_state"]["step"] == 2
+
+
+def test_ctrl_c_during_a_commit_is_delivered_after_it() -> None:
+    """A SIGINT inside :func:`deferred_sigint` arrives as ``KeyboardInterrupt`` once the block
+    ends, never inside it; an ignored SIGINT (``nohup``, a background job of a shell without job
+    control) stays ignored. Negative control: without the deferral it lands inside the block.
+    """
+    import signal
+
+    from flowmc.durable import deferred_sigint
+
+    def block(steps: list[str]) -> None:
+        steps.append("start")
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # bytecode boundaries where a pending handler would run
+            pass
+        steps.append("end")
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        steps: list[str] = []
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_sigint():
+                block(steps)
+        assert steps == ["start", "end"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+        steps = []  # negative control: the same block, not deferred, is cut short
+        with pytest.raises(KeyboardInterrupt):
+            block(steps)
+        assert steps == ["start"]
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        steps = []
+        with deferred_sigint():
+            block(steps)
+        assert steps == ["start", "end"]
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)

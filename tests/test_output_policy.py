@@ -237,6 +237,10 @@ def test_two_writers_of_one_name(tmp_path: Path) -> None:
             claim_output(tmp_path / "m.pt")
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_concurrent_sample_runs_and_ctrl_c(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Two real ``flowmc sample --force`` on one path: the second is refused with one line;
     Ctrl-C (SIGINT) stops the first with one line saying how to resume, exit 130, and its
@@ -253,6 +257,9 @@ def test_concurrent_sample_runs_and_ctrl_c(tmp_path: Path, capsys: pytest.Captur
         [sys.executable, "-m", "flowmc.cli", "sample", *args, "--n", "10000000", "--out",
          str(out), "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=PKG_DIR.parent, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        # as a terminal starts a foreground job: a shell without job control starts background
+        # jobs with SIGINT ignored, which the child would inherit (and rightly keep ignoring)
+        preexec_fn=_sigint_default,
     )
     try:
         deadline = time.time() + 120
@@ -266,7 +273,7 @@ def test_concurrent_sample_runs_and_ctrl_c(tmp_path: Path, capsys: pytest.Captur
         proc.send_signal(signal.SIGINT)
         try:
             _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:  # seen once in a full local run: say where it hangs
+        except subprocess.TimeoutExpired:  # say where it hangs
             proc.send_signal(signal.SIGABRT)  # faulthandler dumps every thread's stack
             _, err = proc.communicate(timeout=30)
             pytest.fail(f"no exit within 60 s of SIGINT; the child's stacks:\n{err}")
