@@ -269,10 +269,13 @@ def train_flow(
             ancestor = prev_meta.get("init_from")
             record = {**ckpt.get("resolved_config", {}), "resumed_with": record}
             if main and progress:
-                print(
-                    f"resuming {out} at step {trainer_state['step']} -> {train_cfg.n_steps}",
-                    file=sys.stderr,
+                done = int(trainer_state["step"])
+                more = (
+                    f"-> {train_cfg.n_steps}" if train_cfg.n_steps > done
+                    else f"(n_steps = {train_cfg.n_steps} is the total, not beyond it: "
+                    "nothing to train)"
                 )
+                print(f"resuming {out} at step {done} {more}", file=sys.stderr)
         else:
             if action is None:
                 raise ValueError("Expected an action (the target to train for)")

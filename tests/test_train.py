@@ -95,7 +95,15 @@ def test_cli_train_resume_eval_and_config(tmp_path, capsys):
     assert isinstance(ck["symmetric"], bool)  # decided by the sign-balance check
     assert main(["train", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
     assert "--force" in capsys.readouterr().err
-    assert main(["train", "--resume", "--out", str(out), "--steps", "25", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out), "--steps", "25"]) == 0
+    assert f"resuming {out} at step 20 -> 25" in capsys.readouterr().err
+    assert load_checkpoint(out)["trainer_state"]["step"] == 25
+    # --steps is the total: one not beyond the step reached trains nothing, and says so
+    assert main(["train", "--resume", "--out", str(out), "--steps", "10"]) == 0
+    assert "at step 25 (n_steps = 10 is the total, not beyond it: nothing to train)" in (
+        capsys.readouterr().err
+    )
     assert load_checkpoint(out)["trainer_state"]["step"] == 25
     assert len(load_checkpoint(out)["trainer_state"]["history"]["loss"]) == 25
     js = tmp_path / "e.json"
