@@ -107,10 +107,10 @@ def deferred_sigint() -> Iterator[None]:
     and an ignored SIGINT (a process started by ``nohup`` or as a background job of a shell
     without job control) stays ignored.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    ):
         yield
         return
     pending: list[Any] = []
@@ -126,7 +126,7 @@ def deferred_sigint() -> Iterator[None]:
         if pending:
             if callable(old):
                 old(signal.SIGINT, pending[0])
-            elif old != signal.SIG_IGN:  # pragma: no cover - default or foreign handler
+            else:  # pragma: no cover - SIG_DFL, or a handler not set from Python
                 raise KeyboardInterrupt
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,7 @@ import torch
 from flowmc.action import Phi4Action
 from flowmc.checkpoint import load_checkpoint, save_checkpoint
 from flowmc.cli import main
-from flowmc.durable import DurableFile
+from flowmc.durable import DurableFile, deferred_sigint
 from flowmc.ensemble import EnsembleWriter, open_ensemble
 from flowmc.flow import FlowConfig, build_flow
 
@@ -354,10 +355,6 @@ def test_ctrl_c_during_a_commit_is_delivered_after_it() -> None:
     ends, never inside it; an ignored SIGINT (``nohup``, a background job of a shell without job
     control) stays ignored. Negative control: without the deferral it lands inside the block.
     """
-    import signal
-
-    from flowmc.durable import deferred_sigint
-
     def block(steps: list[str]) -> None:
         steps.append("start")
         os.kill(os.getpid(), signal.SIGINT)

@@ -95,7 +95,6 @@ def test_cli_train_resume_eval_and_config(tmp_path, capsys):
     assert isinstance(ck["symmetric"], bool)  # decided by the sign-balance check
     assert main(["train", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
     assert "--force" in capsys.readouterr().err
-    capsys.readouterr()
     assert main(["train", "--resume", "--out", str(out), "--steps", "25"]) == 0
     assert f"resuming {out} at step 20 -> 25" in capsys.readouterr().err
     assert load_checkpoint(out)["trainer_state"]["step"] == 25
