@@ -94,12 +94,12 @@ def interrupted_message(args: argparse.Namespace | None) -> str:
     if out is None:
         return "interrupted"
     out = Path(out)
-    from flowmc.distributed import torchrun_env
-    from flowmc.ensemble import last_commit, open_ensemble
+    from flowmc.io.ensemble import last_commit, open_ensemble
+    from flowmc.parallel import torchrun_env
 
     env = torchrun_env()
     if env is not None and env[1] > 1 and hasattr(args, "chains"):  # a sharded run: this rank's
-        from flowmc.shards import shard_path
+        from flowmc.io.join import shard_path
 
         out = shard_path(out, env[0], env[1])
 
@@ -124,7 +124,7 @@ def interrupted_message(args: argparse.Namespace | None) -> str:
     except (ValueError, OSError):
         pass
     try:
-        from flowmc.checkpoint import load_checkpoint
+        from flowmc.io.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(out, require_trainer_state=True)
         step = ckpt["trainer_state"]["step"]
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _close_writers() -> None:
     """Close ensemble writers a failed command left open (temporary files go, names free)."""
-    from flowmc.ensemble import EnsembleWriter
+    from flowmc.io.ensemble import EnsembleWriter
 
     EnsembleWriter.close_all()
 

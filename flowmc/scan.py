@@ -18,18 +18,18 @@ and the results: ``summary.json``, ``summary.csv`` and the plots ``chi2.png``, `
 else is refused; one scan at a time may write it (a lock on the manifest).
 
 **Resume.** Rerunning the same scan skips finished points, resumes an interrupted one
-(:func:`flowmc.run.run_ensemble` with ``resume=True``, bit-identical to an uninterrupted run),
-and reuses stored :math:`\log\hat Z`; a larger ``n`` extends every point. Point ``i`` of size
+(:func:`flowmc.sampling.run.run_ensemble` with ``resume=True``, bit-identical to an uninterrupted
+run), and reuses stored :math:`\log\hat Z`; a larger ``n`` extends every point. Point ``i`` of size
 ``L`` runs with the seed ``SeedSequence(seed, spawn_key=(L, i, 0))`` (:func:`point_seed`), so the
 points are independent (no common random numbers), as the error propagation of the crossing
 and of the integration assumes; its flow draws for :math:`\log\hat Z` use stream 1.
 
-**Results** per point: every observable of :func:`flowmc.analysis.analyze` with its Γ-method
-error, τ_int, :math:`\xi_2/L`, acceptances, cost (sampling and warm-up seconds, seconds per
+**Results** per point: every observable of :func:`flowmc.analysis.ensemble.analyze` with its
+Γ-method error, τ_int, :math:`\xi_2/L`, acceptances, cost (sampling and warm-up seconds, seconds per
 configuration and per independent :math:`\chi_2` sample); per size the free-energy density
-(:mod:`flowmc.free_energy`: flow :math:`\log\hat Z` and thermodynamic integration); for every
-pair of sizes the crossings of :math:`U_4` and :math:`\xi_2/L` (:mod:`flowmc.crossing`).
-``docs/scan.md`` documents the workflow, formulas and keys.
+(:mod:`flowmc.analysis.free_energy`: flow :math:`\log\hat Z` and thermodynamic integration); for
+every pair of sizes the crossings of :math:`U_4` and :math:`\xi_2/L`
+(:mod:`flowmc.analysis.crossing`). ``docs/scan.md`` documents the workflow, formulas and keys.
 """
 
 from __future__ import annotations
@@ -47,16 +47,12 @@ from typing import Any
 import numpy as np
 import torch
 
-import flowmc
 from flowmc import report
-from flowmc.action import Phi4Action
-from flowmc.analysis import SCALAR_KEYS, analyze
-from flowmc.checkpoint import load_checkpoint, load_model
-from flowmc.compare import ensemble_cost
-from flowmc.crossing import METHODS, pairwise_crossings
-from flowmc.durable import NameLock
-from flowmc.ensemble import file_sha256, open_ensemble
-from flowmc.free_energy import (
+from flowmc._version import flowmc_version
+from flowmc.analysis.compare import ensemble_cost
+from flowmc.analysis.crossing import METHODS, pairwise_crossings
+from flowmc.analysis.ensemble import SCALAR_KEYS, analyze
+from flowmc.analysis.free_energy import (
     RULES,
     Anchor,
     compare_free_energies,
@@ -64,9 +60,13 @@ from flowmc.free_energy import (
     free_theory_anchor,
     thermodynamic_integration,
 )
-from flowmc.run import RunConfig, run_ensemble
-from flowmc.safeio import sniff
-from flowmc.shipped import resolve_model_path
+from flowmc.io.checkpoint import load_checkpoint, load_model
+from flowmc.io.durable import NameLock
+from flowmc.io.ensemble import file_sha256, open_ensemble
+from flowmc.io.safeio import sniff
+from flowmc.io.shipped import resolve_model_path
+from flowmc.lattice.action import Phi4Action
+from flowmc.sampling.run import RunConfig, run_ensemble
 
 __all__ = [
     "ScanConfig",
@@ -300,8 +300,8 @@ class ScanOptions:
         ti_anchor: thermodynamic integration from ``"free"`` (λ = 0, needs m² > 0), ``"flow"``
             (the flow point with the smallest error), ``"auto"`` (free if m² > 0, else flow) or
             ``"none"``.
-        ti_rule: ``"trapezoid"`` or ``"quadratic"`` (:mod:`flowmc.free_energy`).
-        crossing_method: ``"quadratic"`` or ``"linear"`` (:mod:`flowmc.crossing`).
+        ti_rule: ``"trapezoid"`` or ``"quadratic"`` (:mod:`flowmc.analysis.free_energy`).
+        crossing_method: ``"quadratic"`` or ``"linear"`` (:mod:`flowmc.analysis.crossing`).
         crossing_window: points of the quadratic interpolation.
         n_boot: bootstrap replicas of the crossing errors.
     """
@@ -495,7 +495,7 @@ def _manifest(config: ScanConfig, sizes: list[_Size], m2: float, dtype: torch.dt
              "seed": point_seed(config.run.seed, s.L, i)}
             for s in sizes for i, lam in enumerate(config.lams)
         ],  # fmt: skip
-        "flowmc_version": flowmc.__version__,
+        "flowmc_version": flowmc_version(),
     }
 
 
@@ -938,7 +938,7 @@ def summarize_scan(
             "analysis_s": total("analysis_s"),
         },
         "warnings": warnings,
-        "flowmc_version": flowmc.__version__,
+        "flowmc_version": flowmc_version(),
     }
     report.write_json(out / SUMMARY_JSON, summary, "scan")
     report.write_csv(out / SUMMARY_CSV, *_csv(points), "scan")

@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowmc import hmc, imh
-from flowmc.action import Phi4Action
-from flowmc.autocorr import gamma_analysis
-from flowmc.checkpoint import load_model, machine_info
-from flowmc.evaluate import evaluate_flow
-from flowmc.rng import ChainRNG
-from flowmc.workflow import train_flow
+from flowmc.analysis.autocorr import gamma_analysis
+from flowmc.io.checkpoint import load_model, machine_info
+from flowmc.lattice.action import Phi4Action
+from flowmc.mcmc import hmc, imh
+from flowmc.mcmc.rng import ChainRNG
+from flowmc.training.evaluate import evaluate_flow
+from flowmc.training.workflow import train_flow
 
 FULL = {"L": 16, "lam": 3.0, "train_steps": 300, "n": 4096, "chains": 4, "hmc_chains": 16,
         "hmc_traj": 2000, "hmc_warmup": 200, "eval_n": 10240}  # fmt: skip
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lam", type=float, default=None)
     p.add_argument("--train-steps", type=int, default=None)
     p.add_argument("--model", type=Path, default=None, help="reuse a trained checkpoint")
-    p.add_argument("--recipe", default="default", help="training recipe (flowmc.recipes)")
+    p.add_argument("--recipe", default="default", help="training recipe (flowmc.training.recipes)")
     p.add_argument("--n", type=int, default=None, help="flow-MH steps per chain")
     p.add_argument("--chains", type=int, default=None)
     p.add_argument("--hmc-chains", type=int, default=None)

@@ -6,11 +6,11 @@ environment: ``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; ``W = 1
 process), each with ``--threads`` torch threads (default 1), and measures in them, through the
 library calls the commands use:
 
-* **training** — :func:`flowmc.workflow.train_flow`, recipe ``default`` at L = 8
+* **training** — :func:`flowmc.training.workflow.train_flow`, recipe ``default`` at L = 8
   (m2 = -4, lam = 8), a FIXED global batch ``--batch`` (default 256, split ``B/W`` per rank) for
   ``--steps`` steps (default 40): steps/s = steps / optimizer seconds (rank 0's
   ``trainer.elapsed``: the step loop with its collectives), samples/s = steps x B / seconds;
-* **flow-MH sampling** — :func:`flowmc.shards.run_sharded` with the shipped L = 8 flow
+* **flow-MH sampling** — :func:`flowmc.sampling.shards.run_sharded` with the shipped L = 8 flow
   (``data/phi4_L8_m2-4_lam8.pt``), a FIXED total of ``--chains`` chains (default 8) x ``--n``
   configurations (default 2048), ``--flow-batch`` proposals per chain per flow call (default
   1024), configurations stored: configurations/s = n x C / sampling seconds of the slowest rank;
@@ -59,14 +59,14 @@ from pathlib import Path
 import torch
 
 import flowmc
-from flowmc import distributed
-from flowmc.action import Phi4Action
-from flowmc.checkpoint import load_model
-from flowmc.ensemble import file_sha256
-from flowmc.run import HMCSettings, RunConfig, run_ensemble
-from flowmc.shards import run_sharded
-from flowmc.shipped import default_model_path
-from flowmc.workflow import train_flow
+from flowmc import parallel
+from flowmc.io.checkpoint import load_model
+from flowmc.io.ensemble import file_sha256
+from flowmc.io.shipped import default_model_path
+from flowmc.lattice.action import Phi4Action
+from flowmc.sampling.run import HMCSettings, RunConfig, run_ensemble
+from flowmc.sampling.shards import run_sharded
+from flowmc.training.workflow import train_flow
 
 CPU_POINT = {"L": 8, "m2": -4.0, "lam": 8.0}
 GPU_POINT = {"L": 32, "m2": -4.0, "lam": 4.572}
@@ -121,7 +121,7 @@ def _measure_cpu(world: int, args: argparse.Namespace, tmp: Path) -> dict:
     p = CPU_POINT
     action = Phi4Action(p["m2"], p["lam"], (p["L"], p["L"]))
     out: dict = {"ranks": world, "threads_per_rank": torch.get_num_threads()}
-    with distributed.process_group("cpu", timeout_s=600):
+    with parallel.process_group("cpu", timeout_s=600):
         with _Timer() as t:
             res = train_flow(
                 action, recipe="default", seed=args.seed, dtype=torch.float32,

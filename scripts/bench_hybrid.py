@@ -50,13 +50,13 @@ from typing import Any
 
 import torch
 
-from flowmc.action import Phi4Action
-from flowmc.analysis import analyze
-from flowmc.checkpoint import LoadedModel, load_model, machine_info
-from flowmc.compare import ensemble_cost
-from flowmc.ensemble import check_output, file_sha256
+from flowmc.analysis.compare import ensemble_cost
+from flowmc.analysis.ensemble import analyze
+from flowmc.io.checkpoint import LoadedModel, load_model, machine_info
+from flowmc.io.ensemble import check_output, file_sha256
+from flowmc.lattice.action import Phi4Action
 from flowmc.report import check_outputs, fmt, write_json
-from flowmc.run import HMCSettings, RunConfig, run_ensemble
+from flowmc.sampling.run import HMCSettings, RunConfig, run_ensemble
 
 REPORT_KIND = "bench-hybrid"
 #: Observables whose cost per independent sample is reported (chi_2 decides the verdicts).
@@ -512,7 +512,7 @@ def get_model(point: Point, args: argparse.Namespace) -> LoadedModel:
     """The point's flow: ``--model``, else trained (``--train-steps`` or ``--quick``)."""
     if point.name in args.models:
         return _load(point, args.models[point.name])
-    from flowmc.workflow import train_flow
+    from flowmc.training.workflow import train_flow
 
     out = args.out_dir / "models" / f"{point.name}.pt"
     if out.exists() and not args.force:

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from flowmc import imh
-from flowmc.checkpoint import load_model
-from flowmc.rng import ChainRNG
-from flowmc.run import RunConfig, run_ensemble
+from flowmc.io.checkpoint import load_model
+from flowmc.mcmc import imh
+from flowmc.mcmc.rng import ChainRNG
+from flowmc.sampling.run import RunConfig, run_ensemble
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -50,14 +50,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowmc.action import Phi4Action
-from flowmc.checkpoint import load_checkpoint
-from flowmc.flow import build_flow
-from flowmc.recipes import get_recipe
-from flowmc.run import HMCSettings, RunConfig
+from flowmc.flows.flow import build_flow
+from flowmc.io.checkpoint import load_checkpoint
+from flowmc.lattice.action import Phi4Action
+from flowmc.sampling.run import HMCSettings, RunConfig
 from flowmc.scan import ScanConfig, ScanOptions, parse_lams, parse_models, run_scan
-from flowmc.train import Trainer
-from flowmc.workflow import train_flow
+from flowmc.training.recipes import get_recipe
+from flowmc.training.train import Trainer
+from flowmc.training.workflow import train_flow
 
 PARTS = ("conditional", "cost", "critical")
 COMPARED = ("chi2", "abs_m", "binder")
@@ -115,7 +115,7 @@ def calibrate_steps(action: Phi4Action, args: argparse.Namespace, condition: dic
     flow_cfg, train_cfg = get_recipe(args.recipe, action.lattice_shape)
     from dataclasses import replace
 
-    from flowmc.recipes import override
+    from flowmc.training.recipes import override
 
     flow_cfg = override(flow_cfg, **{**_flow_overrides(args), "condition": condition})
     extra = _json_overrides(args.train_overrides, "--train-overrides")

@@ -1,9 +1,9 @@
 """Benchmark flowmc's training recipes on the same machine, in the same run: ESS, acceptance, time.
 
 For each point and recipe the flow is trained from scratch (``default`` beyond extent 8 through
-its stages: train at L = 8, transfer, fine-tune — :func:`flowmc.workflow.train_staged`) and the
-script records the training wall time summed over every stage (optimizer steps only), the process
-CPU time of the whole training call, steps and steps/s, the reweighting ESS on 10x1024 fresh
+its stages: train at L = 8, transfer, fine-tune — :func:`flowmc.training.workflow.train_staged`) and
+the script records the training wall time summed over every stage (optimizer steps only), the
+process CPU time of the whole training call, steps and steps/s, the reweighting ESS on 10x1024 fresh
 samples (all 10,240, and mean +- spread over the 10 batches), the independence-MH acceptance on the
 same draws, F_q and log Z. With ``--mh-n`` it also runs a flow Metropolis-Hastings ensemble with the
 trained flow (``--mh-chains`` chains) and reports tau_int(chi2), the longest rejection run and the
@@ -42,13 +42,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowmc.action import Phi4Action
-from flowmc.checkpoint import load_checkpoint
-from flowmc.evaluate import evaluate_flow
-from flowmc.flow import Z2SymmetricFlow
-from flowmc.recipes import Stage, get_recipe, plan_stages
-from flowmc.train import Trainer
-from flowmc.workflow import train_staged
+from flowmc.flows.flow import Z2SymmetricFlow
+from flowmc.io.checkpoint import load_checkpoint
+from flowmc.lattice.action import Phi4Action
+from flowmc.training.evaluate import evaluate_flow
+from flowmc.training.recipes import Stage, get_recipe, plan_stages
+from flowmc.training.train import Trainer
+from flowmc.training.workflow import train_staged
 
 POINTS = {
     "t1": {"L": 8, "m2": -4.0, "lam": 8.0, "recipes": ["seed", "local", "fast", "default"]},
@@ -171,10 +171,10 @@ def _stage_record(path: Path) -> dict:
 
 def _mh_run(model_path: Path, action: Phi4Action, args: argparse.Namespace) -> dict:
     """Flow MH (and optionally HMC) ensembles at the point: tau_int, costs, agreement."""
-    from flowmc.analysis import analyze
-    from flowmc.checkpoint import load_model
-    from flowmc.compare import compare
-    from flowmc.run import HMCSettings, RunConfig, run_ensemble
+    from flowmc.analysis.compare import compare
+    from flowmc.analysis.ensemble import analyze
+    from flowmc.io.checkpoint import load_model
+    from flowmc.sampling.run import HMCSettings, RunConfig, run_ensemble
 
     work = Path(args.work)
     flow_h5 = work / f"{model_path.stem}_mh.h5"

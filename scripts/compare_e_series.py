@@ -3,8 +3,8 @@ r"""Flow MH vs HMC on the E-series ensembles of arXiv:1904.12072 (m^2 = -4), at 
 
 For each point: train a flow with the ``default`` recipe (or load ``<model-dir>/<name>.pt``),
 sample flow MH and HMC for ``--seconds`` of sampling wall time each, analyse both
-(:func:`flowmc.compare.compare`), and collect chi_2, the Ising energy, tau_int and the cost per
-independent chi_2 sample (with and without the amortised training cost). Writes
+(:func:`flowmc.analysis.compare.compare`), and collect chi_2, the Ising energy, tau_int and the cost
+per independent chi_2 sample (with and without the amortised training cost). Writes
 ``<out-dir>/e_series.json`` and ``<out-dir>/e_series.png`` (tau_int and cost vs L).
 
 Points (m^2 = -4):  E1 (L=6, lam=6.975)  E2 (8, 6.008)  E3 (10, 5.550)  E5 (14, 5.113)
@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowmc.action import Phi4Action
-from flowmc.checkpoint import load_checkpoint, load_model, machine_info
+from flowmc.analysis.compare import compare
 from flowmc.commands._common import write_json
-from flowmc.compare import compare
-from flowmc.ensemble import open_ensemble
-from flowmc.run import HMCSettings, RunConfig, run_ensemble
-from flowmc.workflow import train_flow
+from flowmc.io.checkpoint import load_checkpoint, load_model, machine_info
+from flowmc.io.ensemble import open_ensemble
+from flowmc.lattice.action import Phi4Action
+from flowmc.sampling.run import HMCSettings, RunConfig, run_ensemble
+from flowmc.training.workflow import train_flow
 
 M2 = -4.0
 POINTS = {  # name: (L, lam)

@@ -8,7 +8,7 @@ independence-MH acceptance, F_q, fraction with M > 0, log Z), also through the Z
 proposal q_s. The CPU time of the optimizer steps (evaluations excluded) is the time axis. An
 optional second phase (``--phase2`` overrides, ``--evals2``) continues with other hyper-parameters
 (e.g. the path-gradient estimator). ``--init`` starts from a flow saved by ``--save`` on another
-lattice size (through :func:`flowmc.flow.transfer_state_dict`).
+lattice size (through :func:`flowmc.flows.flow.transfer_state_dict`).
 
 Examples::
 
@@ -27,11 +27,11 @@ import time
 
 import torch
 
-from flowmc.action import Phi4Action
-from flowmc.evaluate import evaluate_flow
-from flowmc.flow import FlowConfig, Z2SymmetricFlow, build_flow, transfer_state_dict
-from flowmc.recipes import get_recipe, override
-from flowmc.train import Trainer
+from flowmc.flows.flow import FlowConfig, Z2SymmetricFlow, build_flow, transfer_state_dict
+from flowmc.lattice.action import Phi4Action
+from flowmc.training.evaluate import evaluate_flow
+from flowmc.training.recipes import get_recipe, override
+from flowmc.training.train import Trainer
 
 
 def _config(recipe: str, shape: tuple[int, ...], flow: dict, extra: dict) -> FlowConfig:

@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 
-from flowmc.action import Phi4Action
-from flowmc.evaluate import evaluate_flow
-from flowmc.flow import FlowConfig
-from flowmc.train import TrainConfig
-from flowmc.workflow import train_flow
+from flowmc.flows.flow import FlowConfig
+from flowmc.lattice.action import Phi4Action
+from flowmc.training.evaluate import evaluate_flow
+from flowmc.training.train import TrainConfig
+from flowmc.training.workflow import train_flow
 
 
 def build(args: argparse.Namespace) -> tuple[Phi4Action, FlowConfig]:

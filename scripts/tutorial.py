@@ -30,14 +30,14 @@ import torch
 
 from flowmc import GaussianPrior, Phi4Action, build_flow, gamma_analysis, load_model, report
 from flowmc.analysis import analyze
-from flowmc.compare import compare
-from flowmc.couplings import AffineCoupling, checkerboard
-from flowmc.evaluate import draw_samples, evaluate_model
-from flowmc.nets import PeriodicCNN
-from flowmc.recipes import get_recipe
-from flowmc.run import HMCSettings, RunConfig, run_ensemble
+from flowmc.analysis.compare import compare
+from flowmc.flows.couplings import AffineCoupling, checkerboard
+from flowmc.flows.nets import PeriodicCNN
+from flowmc.sampling.run import HMCSettings, RunConfig, run_ensemble
 from flowmc.scan import ScanConfig, ScanOptions, parse_lams, run_scan
-from flowmc.workflow import train_flow
+from flowmc.training.evaluate import draw_samples, evaluate_model
+from flowmc.training.recipes import get_recipe
+from flowmc.training.workflow import train_flow
 
 # [/doc:imports]
 

@@ -102,7 +102,7 @@ def test_pick_best_prefers_a_reliable_tau(bench):
 
 
 def test_cost_entry_is_wall_times_two_tau_over_n(bench):
-    from flowmc.analysis import Estimate
+    from flowmc.analysis.ensemble import Estimate
 
     est = Estimate(value=1.0, error=0.1, tau_int=3.0, tau_int_error=0.3, ess=100.0, window=20,
                    reliable=True)  # fmt: skip

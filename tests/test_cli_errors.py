@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from flowmc.action import Phi4Action
-from flowmc.checkpoint import load_checkpoint, load_model, save_checkpoint
 from flowmc.cli import is_user_error, main
-from flowmc.ensemble import EnsembleWriter, open_ensemble
-from flowmc.flow import FlowConfig, build_flow
-from flowmc.train import Trainer
+from flowmc.flows.flow import FlowConfig, build_flow
+from flowmc.io.checkpoint import load_checkpoint, load_model, save_checkpoint
+from flowmc.io.ensemble import EnsembleWriter, open_ensemble
+from flowmc.lattice.action import Phi4Action
+from flowmc.training.train import Trainer
 
 HMC = ["hmc", "--L", "4", "--m2", "-4", "--lam", "8", "--warmup", "3", "--chunk", "4",
        "--quiet"]

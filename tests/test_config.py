@@ -14,7 +14,7 @@ import pytest
 
 from flowmc.cli import build_parser, main
 from flowmc.config import IntRange, parse_with_config
-from flowmc.ensemble import EnsembleWriter, open_ensemble
+from flowmc.io.ensemble import EnsembleWriter, open_ensemble
 
 HMC = ["hmc", "--L", "4", "--m2", "-4", "--lam", "8", "--n", "6", "--warmup", "3", "--quiet"]
 

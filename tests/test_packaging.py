@@ -25,11 +25,10 @@ from pathlib import Path
 import pytest
 
 import flowmc
-from flowmc.checkpoint import load_checkpoint, load_model, save_checkpoint
-from flowmc.ensemble import open_ensemble
-from flowmc.flow import FlowConfig, build_flow
-from flowmc.run import RunConfig, run_ensemble
-from flowmc.shipped import (
+from flowmc.flows.flow import FlowConfig, build_flow
+from flowmc.io.checkpoint import load_checkpoint, load_model, save_checkpoint
+from flowmc.io.ensemble import open_ensemble
+from flowmc.io.shipped import (
     DEFAULT_MODEL,
     data_dir,
     default_model_path,
@@ -37,6 +36,7 @@ from flowmc.shipped import (
     shipped_model_path,
     shipped_models,
 )
+from flowmc.sampling.run import RunConfig, run_ensemble
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST = "flowmc-lattice"
@@ -99,7 +99,7 @@ def test_cli_model_by_name(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
 
 
 def test_data_dir_missing_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    import flowmc.shipped as shipped
+    import flowmc.io.shipped as shipped
 
     monkeypatch.setattr(shipped, "_candidates", lambda: [tmp_path / "gone"])
     with pytest.raises(FileNotFoundError, match="cannot find flowmc's shipped flows"):
@@ -194,6 +194,21 @@ def wheel_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return wheel, site
 
 
+def test_pyproject_lists_every_package() -> None:
+    """``[tool.setuptools] packages`` names every package folder under ``flowmc/`` (a folder left
+    out would be missing from the wheel), and ``py.typed`` is there to be shipped."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "flowmc").rglob(
+        "__init__.py") if "__pycache__" not in p.parts}  # fmt: skip
+    assert "flowmc.lattice" in folders and "flowmc.mcmc" in folders  # control: the scan sees them
+    assert set(listed) == folders | {"flowmc.data"}
+    assert (ROOT / "flowmc" / "py.typed").is_file()
+
+
 def test_wheel_contents(wheel_site: tuple[Path, Path]) -> None:
     wheel, _ = wheel_site
     version = flowmc.__version__
@@ -208,6 +223,7 @@ def test_wheel_contents(wheel_site: tuple[Path, Path]) -> None:
             assert f"flowmc/data/{path.name}" in names, f"{path.name} not in the wheel"
     source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "flowmc").rglob("*.py")}
     assert source <= names, sorted(source - names)
+    assert "flowmc/py.typed" in names
     assert not [n for n in names if n.startswith(("tests/", "data/", "docs/")) or ".pyc" in n]
     assert f"Name: {DIST}\n" in metadata and f"Version: {version}\n" in metadata
     assert re.search(r"Requires-Dist: torch<2\.15,>=2\.1|Requires-Dist: torch>=2\.1,<2\.15",

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowmc.action import Phi4Action
-from flowmc.checkpoint import save_checkpoint
 from flowmc.cli import main
-from flowmc.ensemble import file_sha256, open_ensemble
-from flowmc.flow import FlowConfig, build_flow
-from flowmc.run import HMCSettings, RunConfig, run_ensemble
-from flowmc.safeio import sniff
+from flowmc.flows.flow import FlowConfig, build_flow
+from flowmc.io.checkpoint import save_checkpoint
+from flowmc.io.ensemble import file_sha256, open_ensemble
+from flowmc.io.safeio import sniff
+from flowmc.lattice.action import Phi4Action
+from flowmc.sampling.run import HMCSettings, RunConfig, run_ensemble
 from flowmc.scan import (
     ScanConfig,
     ScanOptions,

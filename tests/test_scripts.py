@@ -82,7 +82,7 @@ def test_bench_hybrid_quick(tmp_path):
     assert broken["hmc_flip"]["flip"] is True
     assert set(broken["verdict"]["broken_phase"]) >= {"m_zero", "tunnels", "m_over_error"}
     # the bench's cost is flowmc compare's on the stored ensembles
-    from flowmc.compare import compare
+    from flowmc.analysis.compare import compare
 
     best = next(r for r in sym["hybrid_scan"] if r["label"] == sym["hybrid_best"])
     ref = next(r for r in sym["hmc_scan"] if r["label"] == sym["hmc_best"])

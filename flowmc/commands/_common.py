@@ -7,16 +7,16 @@ from pathlib import Path
 
 import torch
 
-from flowmc.action import Phi4Action
 from flowmc.config import NON_NEGATIVE, POSITIVE, IntRange
-from flowmc.ensemble import check_output
-from flowmc.run import HMCSettings, RunConfig
-from flowmc.shipped import (  # noqa: F401 - re-exported for the subcommands
+from flowmc.io.ensemble import check_output
+from flowmc.io.shipped import (  # noqa: F401 - re-exported for the subcommands
     DEFAULT_MODEL,
     DEFAULT_MODELS,
     data_dir,
     default_model_path,
 )
+from flowmc.lattice.action import Phi4Action
+from flowmc.sampling.run import HMCSettings, RunConfig
 
 #: Smallest lattice extent of the commands that build an action (train, hmc): with L = 1 every
 #: site is its own neighbour (no kinetic term) and no distance-1 correlator exists, so
@@ -124,7 +124,7 @@ def add_hmc_options(p: argparse.ArgumentParser, title: str) -> None:
 
 
 def hmc_settings(args: argparse.Namespace) -> HMCSettings:
-    """The :class:`~flowmc.run.HMCSettings` of :func:`add_hmc_options`."""
+    """The :class:`~flowmc.sampling.run.HMCSettings` of :func:`add_hmc_options`."""
     return HMCSettings(
         traj_length=args.traj_length,
         integrator=args.integrator,
@@ -136,7 +136,7 @@ def hmc_settings(args: argparse.Namespace) -> HMCSettings:
 
 
 def run_config(args: argparse.Namespace, **settings: object) -> RunConfig:
-    """The :class:`~flowmc.run.RunConfig` of :func:`add_ensemble_options` plus ``settings``."""
+    """The :class:`~flowmc.sampling.run.RunConfig` of :func:`add_ensemble_options`, ``settings``."""
     return RunConfig(
         n=args.n,
         chains=args.chains,
@@ -149,7 +149,7 @@ def run_config(args: argparse.Namespace, **settings: object) -> RunConfig:
 
 
 def storage_kwargs(args: argparse.Namespace, command: str) -> dict:
-    """Keyword arguments of :func:`flowmc.run.run_ensemble` from :func:`add_ensemble_options`."""
+    """Keyword arguments of :func:`~flowmc.sampling.run.run_ensemble` from the ensemble options."""
     import shlex
     import sys
 
@@ -172,7 +172,7 @@ def storage_kwargs(args: argparse.Namespace, command: str) -> dict:
 
 
 def print_run_summary(s: dict) -> None:
-    """Print the summary of :func:`flowmc.run.run_ensemble` or of a sharded run (rank 0)."""
+    """Print the summary of :func:`~flowmc.sampling.run.run_ensemble` or a sharded run (rank 0)."""
     name = s["sampler"]
     lines = [f"{name}: {s['n']} configs x {s['chains']} chains -> {s['path']}"]
     if s.get("ranks", 1) > 1:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from flowmc import report
-from flowmc.analysis import analyze
+from flowmc.analysis.ensemble import analyze
 from flowmc.config import add_common_options, apply_threads
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from flowmc import report
-from flowmc.compare import compare
+from flowmc.analysis.compare import compare
 from flowmc.config import add_common_options, apply_threads
 
 

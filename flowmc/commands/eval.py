@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 
 from flowmc import report
-from flowmc.checkpoint import load_model
 from flowmc.commands._common import default_model_path, make_generator
 from flowmc.config import add_common_options, apply_threads, resolve_device, resolve_dtype
-from flowmc.evaluate import evaluate_model
+from flowmc.io.checkpoint import load_model
+from flowmc.training.evaluate import evaluate_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:

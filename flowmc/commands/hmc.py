@@ -16,8 +16,8 @@ from flowmc.commands._common import (
     write_json,
 )
 from flowmc.config import add_common_options, apply_threads, resolve_device, resolve_dtype
-from flowmc.run import START_KINDS
-from flowmc.shards import job_device, run_sharded
+from flowmc.sampling.run import START_KINDS
+from flowmc.sampling.shards import job_device, run_sharded
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     storage = storage_kwargs(args, "hmc")  # validates --n and --out first
     action = action_from_args(args)
-    # under torchrun: each rank samples its block of chains into its shard (flowmc.shards)
+    # under torchrun: each rank samples its block of chains into its shard (flowmc.sampling.shards)
     summary = run_sharded(
         args.out,
         run_config(args, hmc=hmc_settings(args), start=args.start),

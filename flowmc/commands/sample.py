@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flowmc.adapt import AdaptConfig
-from flowmc.checkpoint import load_model
 from flowmc.commands._common import (
     add_ensemble_options,
     add_hmc_options,
@@ -18,7 +16,9 @@ from flowmc.commands._common import (
     write_json,
 )
 from flowmc.config import add_common_options, apply_threads, resolve_device, resolve_dtype
-from flowmc.shards import job_device, run_sharded
+from flowmc.io.checkpoint import load_model
+from flowmc.sampling.shards import job_device, run_sharded
+from flowmc.training.adapt import AdaptConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     device = job_device(resolve_device(args.device))  # cuda:LOCAL_RANK under torchrun
     model = load_model(args.model or default_model_path(), device=device,
                        dtype=resolve_dtype(args.dtype), symmetric=args.symmetric, lam=args.lam)
-    # under torchrun: each rank samples its block of chains into its shard (flowmc.shards)
+    # under torchrun: each rank samples its block of chains into its shard (flowmc.sampling.shards)
     summary = run_sharded(args.out, cfg, model=model, device=device,
                           timeout_s=args.dist_timeout, **storage)  # fmt: skip
     if summary["rank"] != 0:  # rank 0 alone reports

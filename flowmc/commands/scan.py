@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from flowmc import report
+from flowmc.analysis.crossing import METHODS
+from flowmc.analysis.free_energy import RULES
 from flowmc.commands._common import MIN_L, add_hmc_options, hmc_settings
 from flowmc.config import (
     NON_NEGATIVE,
@@ -19,9 +21,7 @@ from flowmc.config import (
     resolve_dtype,
     resolved,
 )
-from flowmc.crossing import METHODS
-from flowmc.free_energy import RULES
-from flowmc.run import START_KINDS, RunConfig
+from flowmc.sampling.run import START_KINDS, RunConfig
 from flowmc.scan import (
     MANIFEST,
     SUMMARY_CSV,

@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 
 from flowmc import report
-from flowmc.action import Phi4Action
-from flowmc.checkpoint import load_checkpoint
 from flowmc.commands._common import action_from_args, add_action_options
 from flowmc.config import (
     add_common_options,
@@ -17,8 +15,10 @@ from flowmc.config import (
     resolve_dtype,
     resolved,
 )
-from flowmc.recipes import RECIPES
-from flowmc.workflow import train_flow, train_staged
+from flowmc.io.checkpoint import load_checkpoint
+from flowmc.lattice.action import Phi4Action
+from flowmc.training.recipes import RECIPES
+from flowmc.training.workflow import train_flow, train_staged
 
 
 def register(sub: argparse._SubParsersAction) -> None:
