@@ -16,8 +16,8 @@ Tolerances: HMC chains are compared bit for bit (each chain's trajectory depends
 stream, and the tuned step size is the mean over the gathered per-chain acceptances in global
 chain order, the same float operation as in one process). Flow-MH and hybrid runs put all of a
 process's proposals through one batched flow call whose batch size changes with the number of
-chains, so their values are compared to float32 rounding (1e-5, as tests/test_run.py) and the
-accept decisions exactly (see docs/hybrid.md).
+chains, so their values are compared to float32 rounding (1e-5, as tests/sampling/test_run.py) and
+the accept decisions exactly (see docs/hybrid.md).
 """
 
 from __future__ import annotations
