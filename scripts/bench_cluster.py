@@ -1,6 +1,6 @@
 """Throughput (and tau_int of chi2) of the Metropolis + Wolff cluster kernel (writes JSON).
 
-For each ``--chains`` value: build :func:`flowmc.cluster.cluster` at (``--L`` in ``--dim``
+For each ``--chains`` value: build :func:`flowmc.mcmc.cluster.cluster` at (``--L`` in ``--dim``
 dimensions, ``--m2``, ``--lam``), compile it (timed separately), run ``--warmup`` steps from a cold
 start, then ``--sweeps`` timed steps with ``--threads`` torch threads (numba's kernel is serial).
 Each step is one checkerboard sweep with ``--num-hits`` Metropolis hits per site plus
@@ -12,7 +12,7 @@ sample, ``2 tau_int`` times the time per sweep per chain.
 ``--scipy-sweeps N`` (> 0) also times, for comparison, the same step written without numba: a
 torch-vectorised checkerboard sweep plus Wolff clusters as scipy ``connected_components`` of all
 activated bonds (all chains in one block-diagonal graph), the seed's component flipped. Timing
-only; it is the alternative that ``flowmc.cluster``'s docstring measures against.
+only; it is the alternative that ``flowmc.mcmc.cluster``'s docstring measures against.
 
 Example::
 
@@ -35,10 +35,10 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
-from flowmc import cluster as CL
-from flowmc.action import Phi4Action
-from flowmc.autocorr import gamma_analysis
-from flowmc.rng import ChainRNG
+from flowmc.analysis.autocorr import gamma_analysis
+from flowmc.lattice.action import Phi4Action
+from flowmc.mcmc import cluster as CL
+from flowmc.mcmc.rng import ChainRNG
 
 
 def _ints(text: str) -> list[int]:

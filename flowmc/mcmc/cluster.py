@@ -104,9 +104,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowmc.action import Phi4Action, check_field
-from flowmc.kernel import RNG, SamplingAlgorithm
-from flowmc.rng import draw_uniform
+from flowmc.lattice.action import Phi4Action, check_field
+from flowmc.mcmc.kernel import RNG, SamplingAlgorithm
+from flowmc.mcmc.rng import draw_uniform
 
 try:  # optional dependency: flowmc-lattice[cluster]
     import numba as _numba
@@ -335,8 +335,8 @@ _step_all = _jit(_step_py)
 def _require_numba() -> None:
     if _numba is None:
         raise ImportError(
-            "flowmc.cluster needs numba; install it with `pip install flowmc-lattice[cluster]` "
-            "(or `pip install numba`)"
+            "flowmc.mcmc.cluster needs numba; install it with "
+            "`pip install flowmc-lattice[cluster]` (or `pip install numba`)"
         )
 
 
@@ -514,8 +514,8 @@ def cluster(
         ValueError: for invalid parameters (see :func:`build_kernel`).
 
     Example:
-        >>> from flowmc.action import Phi4Action
-        >>> from flowmc.rng import ChainRNG
+        >>> from flowmc.lattice.action import Phi4Action
+        >>> from flowmc.mcmc.rng import ChainRNG
         >>> action = Phi4Action(-4.0, 8.0, (4, 4))
         >>> sampler = cluster(action, step_size=1.0)
         >>> state = sampler.init(torch.zeros(2, 4, 4, dtype=torch.float64))

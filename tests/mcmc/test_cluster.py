@@ -1,4 +1,4 @@
-"""Tests for flowmc.cluster: Metropolis sweeps + Wolff clusters of the embedded Ising signs.
+"""Tests for flowmc.mcmc.cluster: Metropolis sweeps + Wolff clusters of the embedded Ising signs.
 
 Every statistical check has an exact truth (or an independent sampler), a tolerance derived from
 a standard error, a fixed seed and a negative control (STYLE.md sections 6.3 and 6.4):
@@ -31,12 +31,12 @@ import torch
 from scipy.stats import chi2 as chi2_dist
 from scipy.stats import norm
 
-from flowmc import cluster as CL
-from flowmc import hmc as H
-from flowmc.action import Phi4Action
-from flowmc.autocorr import gamma_analysis
-from flowmc.kernel import CycleState, cycle
-from flowmc.rng import ChainRNG
+from flowmc.analysis.autocorr import gamma_analysis
+from flowmc.lattice.action import Phi4Action
+from flowmc.mcmc import cluster as CL
+from flowmc.mcmc import hmc as H
+from flowmc.mcmc.kernel import CycleState, cycle
+from flowmc.mcmc.rng import ChainRNG
 
 DT = torch.float64
 ALPHA = 0.01
@@ -539,7 +539,7 @@ def test_doctests():
 
 def test_bench_script_smoke(tmp_path):
     """scripts/bench_cluster.py end to end on 8x8 (numba and the scipy reference), JSON out."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_cluster.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_cluster.py"
     spec = importlib.util.spec_from_file_location("bench_cluster", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
