@@ -124,6 +124,7 @@ __all__ = [
     "build_kernel",
     "cluster",
     "tune_step_size",
+    "require_numba",
 ]
 
 #: Coupling of one bond in flowmc's normalisation: the hopping term is ``-2 phi_x phi_y``.
@@ -332,7 +333,8 @@ _step_all = _jit(_step_py)
 # validation
 
 
-def _require_numba() -> None:
+def require_numba() -> None:
+    """Raise ``ImportError`` (saying how to install it) unless numba is importable."""
     if _numba is None:
         raise ImportError(
             "flowmc.mcmc.cluster needs numba; install it with "
@@ -454,7 +456,7 @@ def _build_kernel(
 ) -> Callable[[ClusterState, RNG], tuple[ClusterState, ClusterInfo]]:
     """:func:`build_kernel` with the bond factor as a parameter (the tests' negative controls
     use a wrong one; 4 is exact)."""
-    _require_numba()
+    require_numba()
     action = _check_action(action)
     delta = _check_positive("step_size", step_size)
     num_hits = _check_count("num_hits", num_hits, 0)
@@ -536,6 +538,10 @@ def cluster(
     return SamplingAlgorithm(init_fn, kernel, adopt_fn)
 
 
+def _local_mean(x: Tensor) -> float:
+    return float(x.mean())
+
+
 def tune_step_size(
     action: Phi4Action,
     state: ClusterState,
@@ -546,6 +552,7 @@ def tune_step_size(
     initial_step_size: float = 1.0,
     num_hits: int = 3,
     num_clusters: int = 2,
+    chain_mean: Callable[[Tensor], float] | None = None,
 ) -> tuple[ClusterState, float, dict[str, list[float]]]:
     r"""Warm up while adapting :math:`\delta` towards a target Metropolis acceptance; freeze it.
 
@@ -553,8 +560,8 @@ def tune_step_size(
     acceptance :math:`\alpha_m`, :math:`\log\delta \mathrel{+}= (\alpha_m - \alpha^*)/\sqrt m`.
     The returned :math:`\delta` is the geometric mean over the second half of the warm-up.
     Adaptation breaks the Markov property, so the warm-up states are discarded; sampling with the
-    frozen :math:`\delta` is exact. The mean runs over the chains held here, so the tuned value
-    depends on the chain set (as for HMC's step size).
+    frozen :math:`\delta` is exact. The mean runs over the chains of the run (``chain_mean``), so
+    the tuned value depends on the chain set (as for HMC's step size).
 
     Args:
         action: the action.
@@ -565,6 +572,10 @@ def tune_step_size(
         initial_step_size: starting :math:`\delta > 0`.
         num_hits: Metropolis hits per site.
         num_clusters: Wolff clusters per step during the warm-up.
+        chain_mean: the mean of a per-chain ``(C,)`` tensor over all chains of the run; default
+            the mean over the chains held here (:func:`flowmc.mcmc.hmc.local_mean`). A shard of
+            a run spread over processes passes :class:`flowmc.sampling.shards.GatheredMean`,
+            so that every shard tunes the step size of the whole run.
 
     Returns:
         ``(state, step_size, history)`` with history lists ``step_size`` and
@@ -579,6 +590,7 @@ def tune_step_size(
     num_warmup = _check_count("num_warmup", num_warmup, 2)
     num_hits = _check_count("num_hits", num_hits, 1)
     log_delta = math.log(_check_positive("initial_step_size", initial_step_size))
+    mean = chain_mean or _local_mean
     history: dict[str, list[float]] = {"step_size": [], "acceptance_rate": []}
     for m in range(1, num_warmup + 1):
         delta = math.exp(log_delta)
@@ -586,7 +598,7 @@ def tune_step_size(
             action, step_size=delta, num_hits=num_hits, num_clusters=num_clusters
         )
         state, info = kernel(state, rng)
-        alpha = float(info.acceptance_rate.mean())
+        alpha = mean(info.acceptance_rate)
         history["step_size"].append(delta)
         history["acceptance_rate"].append(alpha)
         log_delta += (alpha - target_accept) / math.sqrt(m)

@@ -9,7 +9,9 @@ state arrays) lives in :mod:`flowmc.sampling.samplers`. The sampler follows from
 * ``"hmc"`` (no model, an ``action``): one row per trajectory;
 * ``"hybrid"`` (a ``model`` and ``config.hmc_traj = K >= 1``): one row per cycle, a flow
   independence-MH step followed by ``K`` HMC trajectories; each kernel step is a block of
-  ``config.batch`` cycles whose flow proposals come from one flow call (:mod:`flowmc.mcmc.hybrid`).
+  ``config.batch`` cycles whose flow proposals come from one flow call (:mod:`flowmc.mcmc.hybrid`);
+* ``"cluster"`` (no model, ``config.cluster`` set): one row per step of Metropolis sweeps + Wolff
+  clusters (:mod:`flowmc.sampling.cluster`; CPU, float64).
 
 Phases of a run:
 
@@ -62,6 +64,7 @@ from flowmc.io.checkpoint import LoadedModel, load_checkpoint, load_model, save_
 from flowmc.io.ensemble import EnsembleWriter, check_output, file_sha256, open_ensemble
 from flowmc.mcmc import hmc
 from flowmc.mcmc.rng import RNG_SCHEME, ChainRNG, run_generator
+from flowmc.sampling.cluster import CLUSTER_SCALARS, ClusterSampler, ClusterSettings
 from flowmc.sampling.samplers import (
     Counters,
     FlowIMHSampler,
@@ -82,12 +85,13 @@ __all__ = [
 ]
 
 #: Sampler names (``sampler["name"]`` in the file).
-SAMPLERS = ("flow-imh", "hmc", "hybrid")
+SAMPLERS = ("flow-imh", "hmc", "hybrid", "cluster")
 #: Per-row scalars of each sampler.
 SCALARS = {
     "flow-imh": ("action", "log_q", "log_weight", "accepted", "magnetization"),
     "hmc": ("action", "accepted", "delta_h", "magnetization"),
     "hybrid": ("action", "accepted", "hmc_accepted", "delta_h", "magnetization"),
+    "cluster": CLUSTER_SCALARS,
 }
 #: Initial fields of HMC chains.
 START_KINDS = ("cold", "random")
@@ -169,8 +173,10 @@ class RunConfig:
             (default 1024), cycles per kernel step for the hybrid (default 16); not used by HMC.
         hmc_traj: with a model: HMC trajectories per cycle ``K`` (0 = flow MH alone).
         hmc: HMC settings (HMC runs and the hybrid).
-        start: HMC runs only: ``"cold"`` (φ = 0) or ``"random"`` (i.i.d. N(0, 1)).
+        start: HMC and cluster runs only: ``"cold"`` (φ = 0) or ``"random"`` (i.i.d. N(0, 1)).
         adapt: adaptive warm-up of the flow (flow MH and hybrid), or ``None``.
+        cluster: with no model: the cluster kernel's settings (Metropolis sweeps + Wolff
+            clusters, :mod:`flowmc.sampling.cluster`) instead of HMC; ``None`` for HMC.
     """
 
     n: int
@@ -185,6 +191,7 @@ class RunConfig:
     hmc: HMCSettings = field(default_factory=HMCSettings)
     start: str = "cold"
     adapt: AdaptConfig | None = None
+    cluster: ClusterSettings | None = None
 
     def __post_init__(self) -> None:
         for name in ("n", "chains", "thin"):
@@ -201,6 +208,10 @@ class RunConfig:
             raise ValueError(f"Expected hmc to be HMCSettings; got {type(self.hmc).__name__}")
         if self.adapt is not None and not isinstance(self.adapt, AdaptConfig):
             raise ValueError(f"Expected adapt to be AdaptConfig; got {type(self.adapt).__name__}")
+        if self.cluster is not None and not isinstance(self.cluster, ClusterSettings):
+            raise ValueError(
+                f"Expected cluster to be ClusterSettings; got {type(self.cluster).__name__}"
+            )
 
     def flow_batch(self) -> int:
         """``batch`` resolved: as given, else 1024 for flow MH and 16 for the hybrid."""
@@ -434,9 +445,18 @@ def run_ensemble(
             raise ValueError("Expected an action for an HMC run (no model given); got None")
         if config.adapt is not None:
             raise ValueError("Expected adapt=None for an HMC run: there is no flow to adapt")
-        sampler: Any = HMCSampler(action, config, device, dtype or torch.float64, chain_mean)
+        if config.cluster is not None:
+            sampler: Any = ClusterSampler(action, config, device, dtype or torch.float64,
+                                          chain_mean)  # fmt: skip
+        else:
+            sampler = HMCSampler(action, config, device, dtype or torch.float64, chain_mean)
         lmodel, sha = None, ""
     else:
+        if config.cluster is not None:
+            raise ValueError(
+                "Expected no model for a cluster run (config.cluster samples the action alone); "
+                "got a model"
+            )
         lmodel = _resolve_model(model, device, dtype, symmetric)
         if action is not None and action != lmodel.action:
             raise ValueError(f"Expected the model's action {lmodel.action!r}; got {action!r}")
@@ -457,8 +477,9 @@ def run_ensemble(
 
     if resume:
         stored, stored_meta = _stored_sampler(out)
-        if isinstance(sampler, (HMCSampler, HybridSampler)) and stored.get("step_size") is not None:
-            sampler.freeze(stored["step_size"], stored["num_steps"])
+        if (isinstance(sampler, (HMCSampler, HybridSampler, ClusterSampler))
+                and stored.get("step_size") is not None):  # fmt: skip
+            sampler.freeze(stored["step_size"], stored.get("num_steps"))
         _check_resume_settings(out, stored, sampler.attrs())
         if adapt_path is not None:
             base_rec = (stored_meta.get("model") or {}).get("adapted_from") or {}
@@ -591,7 +612,8 @@ def _sample(
         )  # fmt: skip
         pending, n_pending, t_chunk = [], 0, now
         t = ctr.totals
-        bar.set_postfix(acc=f"{t['n_accepted'] / max((steps_done) * config.chains, 1):.3f}",
+        acc = t["n_accepted"] / max((steps_done) * config.chains, 1)
+        bar.set_postfix(acc=f"{sampler.summary(ctr).get('acceptance', acc):.3f}",
                         refresh=False)  # fmt: skip
 
     try:

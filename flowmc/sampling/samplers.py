@@ -39,7 +39,8 @@ class Counters:
     """Totals over all processed steps, and per-chain runs of rejections of ``accepted``."""
 
     KEYS = ("n_accepted", "flow_steps", "flow_accepted", "n_nonfinite", "hmc_trajectories",
-            "hmc_accepted", "n_divergent")
+            "hmc_accepted", "n_divergent",
+            "metropolis_hits", "metropolis_accepted", "clusters", "cluster_sites")  # cluster
 
     def __init__(self, chains: int) -> None:
         self.chains = chains

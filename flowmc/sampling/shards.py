@@ -215,7 +215,7 @@ def _combine(summaries: list[dict], out: Path, rank: int) -> dict:
         ranks=len(summaries), rank=rank,
         shards=[s["path"] for s in summaries],
     )  # fmt: skip
-    for key in ("flow_acceptance", "hmc_acceptance"):
+    for key in ("flow_acceptance", "hmc_acceptance", "metropolis_acceptance", "cluster_size"):
         if key in comb:
             comb[key] = sum(wi * s[key] for wi, s in zip(w, summaries))
     for key in ("n_nonfinite", "n_divergent"):
