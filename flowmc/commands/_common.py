@@ -16,6 +16,7 @@ from flowmc.io.shipped import (  # noqa: F401 - re-exported for the subcommands
     default_model_path,
 )
 from flowmc.lattice.action import Phi4Action
+from flowmc.sampling.cluster import ClusterSettings
 from flowmc.sampling.run import HMCSettings, RunConfig
 
 #: Smallest lattice extent of the commands that build an action (train, hmc): with L = 1 every
@@ -135,6 +136,55 @@ def hmc_settings(args: argparse.Namespace) -> HMCSettings:
     )
 
 
+def add_cluster_options(p: argparse.ArgumentParser, title: str, *, prefix: str = "") -> None:
+    """Options of the cluster kernel: ``flowmc cluster`` (``prefix=""``, with its own
+    ``--warmup``) and ``flowmc scan --cluster`` (``prefix="cluster-"`` for the step size and the
+    target acceptance, which HMC's options already name; ``--warmup`` is shared)."""
+    g = p.add_argument_group(title)
+    g.add_argument("--num-hits", type=POSITIVE, default=3,
+                   help="Metropolis hits per site and sweep (default 3)")
+    g.add_argument("--num-clusters", type=NON_NEGATIVE, default=2,
+                   help="Wolff clusters per step, after the sweep (default 2; 0: Metropolis only)")
+    g.add_argument(f"--{prefix}target-accept", type=float, default=0.5,
+                   help="Metropolis acceptance the warm-up adapts the step size to (default 0.5)")
+    g.add_argument(f"--{prefix}step-size", type=float, default=None,
+                   help="fixed Metropolis half-width delta (skips the adaptation; warm-up still "
+                   "thermalises)")
+    if not prefix:
+        g.add_argument("--warmup", type=NON_NEGATIVE, default=200,
+                       help="warm-up steps per chain, discarded (default 200)")
+
+
+def cluster_settings(args: argparse.Namespace, *, prefix: str = "") -> ClusterSettings:
+    """The :class:`~flowmc.sampling.cluster.ClusterSettings` of :func:`add_cluster_options`."""
+    key = prefix.replace("-", "_")
+    return ClusterSettings(
+        num_hits=args.num_hits,
+        num_clusters=args.num_clusters,
+        target_accept=getattr(args, f"{key}target_accept"),
+        warmup=args.warmup,
+        step_size=getattr(args, f"{key}step_size"),
+    )
+
+
+def check_cluster_runtime(device: str) -> None:
+    """Fail in one line before any work: the cluster kernel needs numba and the CPU."""
+    from flowmc.mcmc.cluster import require_numba
+
+    if str(device).split(":")[0] != "cpu":
+        raise ValueError(
+            f"Expected --device cpu: the cluster kernel is compiled for the CPU (numba); got "
+            f"{device}"
+        )
+    try:
+        require_numba()
+    except ImportError:
+        raise RuntimeError(
+            "the cluster kernel needs numba; install it with `pip install "
+            "flowmc-lattice[cluster]` (or `pip install numba`)"
+        ) from None
+
+
 def run_config(args: argparse.Namespace, **settings: object) -> RunConfig:
     """The :class:`~flowmc.sampling.run.RunConfig` of :func:`add_ensemble_options`, ``settings``."""
     return RunConfig(
@@ -190,10 +240,18 @@ def print_run_summary(s: dict) -> None:
             f"{s['num_steps']} steps, acceptance {s['hmc_acceptance']:.4f}, divergent "
             f"{s['n_divergent']}"
         )
-    lines.append(
-        f"  acceptance {s['acceptance']:.4f}, longest rejection run "
-        f"{s['longest_rejection_run']}"
-    )
+    if "metropolis_acceptance" in s:
+        lines.append(
+            f"  cluster: {s['num_hits']} Metropolis hits per site (step size "
+            f"{s['step_size']:.5g}, acceptance {s['metropolis_acceptance']:.4f}) + "
+            f"{s['num_clusters']} Wolff clusters per step (mean size {s['cluster_size']:.4f} "
+            "of the lattice)"
+        )
+    else:
+        lines.append(
+            f"  acceptance {s['acceptance']:.4f}, longest rejection run "
+            f"{s['longest_rejection_run']}"
+        )
     if s.get("adapted_model"):
         lines.append(f"  adapted flow: {s['adapted_model']}")
     warm = f", warm-up {s['warmup_seconds']:.2f} s" if s.get("warmup_seconds") else ""
