@@ -8,7 +8,8 @@ and writes the summary. Each size is sampled with
 * a **flow conditioned on** :math:`\lambda` (``flowmc train --lam LO:HI``; one trained flow serves
   every point of its range) by flow Metropolis–Hastings, or by the hybrid chain with
   ``RunConfig(hmc_traj=K)``; a flow of one coupling serves only that coupling;
-* or **local HMC** (no model).
+* or **local HMC** (no model), or the **cluster kernel** (no model, ``RunConfig(cluster=...)``:
+  Metropolis sweeps + Wolff clusters, :mod:`flowmc.sampling.cluster`) at every size.
 
 **The scan directory** is the scan's own. It holds ``manifest.json`` (the settings; a rerun with
 other settings is refused), one ensemble per point ``L<L>_lam<λ>.h5`` (the usual format,
@@ -238,10 +239,12 @@ class ScanConfig:
         lams: the coupling grid (:func:`parse_lams`).
         run: run settings of every point (``n``, ``chains``, ``thin``, ``therm``, ``seed`` —
             the master seed, see :func:`point_seed` —, ``batch``, ``hmc_traj`` for the hybrid,
-            ``hmc``, ``start``); ``adapt`` is not supported.
+            ``hmc``, ``start``; ``cluster`` for the cluster kernel at every size); ``adapt`` is
+            not supported.
         models: ``{L: checkpoint}`` (a flow conditioned on λ covering the grid, or a flow of
             one coupling for a one-point grid); sizes without an entry, or with ``None``, are
-            sampled by local HMC.
+            sampled by local HMC (by the cluster kernel with ``run.cluster``, which takes no
+            models).
         m2: the bare mass squared (required unless a model gives it; must agree with them).
         dim: number of dimensions.
         anchor_models: ``{L: checkpoint}`` flows that give :math:`\\log\\hat Z` (and so a
@@ -270,6 +273,11 @@ class ScanConfig:
             raise ValueError("Expected run.adapt=None: a scan does not adapt its flows")
         if self.run.first_chain != 0:
             raise ValueError(f"Expected run.first_chain=0; got {self.run.first_chain}")
+        if self.run.cluster is not None and any(v is not None for v in self.models.values()):
+            raise ValueError(
+                "Expected no models with run.cluster (the cluster kernel samples every size "
+                f"without a flow); got models for L = {sorted(self.models)}"
+            )
         for name, mapping in (("models", self.models), ("anchor_models", self.anchor_models)):
             extra = sorted(set(int(k) for k in mapping) - set(sizes))
             if extra:
@@ -420,7 +428,7 @@ def _plan(config: ScanConfig) -> tuple[list[_Size], float]:
         shape = (L,) * config.dim
         path = config.model_for(L)
         if path is None:
-            size = _Size(L, shape, "hmc")
+            size = _Size(L, shape, "hmc" if config.run.cluster is None else "cluster")
         else:
             rec = _model_record(path, L, config.lams, config.dim, "model")
             size = _Size(L, shape, "hybrid" if config.run.hmc_traj else "flow-imh", path, rec)

@@ -10,7 +10,14 @@ from pathlib import Path
 from flowmc import report
 from flowmc.analysis.crossing import METHODS
 from flowmc.analysis.free_energy import RULES
-from flowmc.commands._common import MIN_L, add_hmc_options, hmc_settings
+from flowmc.commands._common import (
+    MIN_L,
+    add_cluster_options,
+    add_hmc_options,
+    check_cluster_runtime,
+    cluster_settings,
+    hmc_settings,
+)
 from flowmc.config import (
     NON_NEGATIVE,
     POSITIVE,
@@ -51,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="scan the coupling: an ensemble per (L, lambda), crossings, free energy",
         description="Sample one ensemble per lattice size L and coupling lambda into the scan "
         "directory --out (flow MH with a flow conditioned on lambda per L, the hybrid with "
-        "--hmc-traj K, or local HMC with --hmc), analyse every point, locate the crossings of "
+        "--hmc-traj K, local HMC with --hmc, or the Metropolis + Wolff cluster kernel with "
+        "--cluster), analyse every point, locate the crossings of "
         "U4 and xi2/L between sizes (the critical coupling) and compute the free-energy density "
         "f = -log Z / V (flow log Z; thermodynamic integration in lambda). Writes "
         f"{SUMMARY_JSON}, {SUMMARY_CSV} and PNG plots there. Rerunning the same command "
@@ -71,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="one flow per --L, in the order of --L (--model m8.pt m16.pt) or as "
                    "L=PATH (--model 8=m8.pt,16=m16.pt); L=hmc samples that size by local HMC")
     p.add_argument("--hmc", action="store_true", help="local HMC at every size (no flow)")
+    p.add_argument("--cluster", action="store_true",
+                   help="the cluster kernel (Metropolis sweeps + Wolff clusters, CPU, numba) at "
+                   "every size (no flow; docs/cluster.md)")
     e = p.add_argument_group("sampling of every point")
     e.add_argument("--n", type=POSITIVE, default=None, help="configurations per chain (target)")
     e.add_argument("--chains", type=POSITIVE, default=1, help="independent chains (default 1)")
@@ -84,8 +95,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--hmc-traj", type=NON_NEGATIVE, default=0,
                    help="hybrid: HMC trajectories after each flow proposal (sizes with a flow)")
     e.add_argument("--start", choices=list(START_KINDS), default="cold",
-                   help="initial fields of HMC chains (default cold)")
-    add_hmc_options(p, "HMC (--hmc, L=hmc, and the HMC part of the hybrid)")
+                   help="initial fields of HMC and cluster chains (default cold)")
+    add_hmc_options(p, "HMC (--hmc, L=hmc, and the HMC part of the hybrid; --warmup also "
+                    "counts the warm-up steps of --cluster)")
+    add_cluster_options(p, "cluster kernel (--cluster)", prefix="cluster-")
     a = p.add_argument_group("analysis (may change between reruns)")
     a.add_argument("--discard", type=NON_NEGATIVE, default=0,
                    help="rows per chain dropped at the start of every ensemble")
@@ -126,13 +139,20 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None or args.n is None or args.lam is None or not args.L:
         raise ValueError("--out, --L, --lam and --n are required")
     sizes = list(args.L)
-    if args.hmc and args.model:
-        raise ValueError("give either --model (flows) or --hmc, not both")
-    if not args.hmc and not args.model:
+    modes = [flag for flag, on in (("--model", bool(args.model)), ("--hmc", args.hmc),
+                                   ("--cluster", args.cluster)) if on]  # fmt: skip
+    if len(modes) > 1:
         raise ValueError(
-            "--model (one flow per --L; L=hmc for local HMC at that size) or --hmc is required"
+            f"give one of --model (flows), --hmc or --cluster; got {' and '.join(modes)}"
         )
-    models = {} if args.hmc else parse_models(args.model, sizes, "--model", every=True)
+    if not modes:
+        raise ValueError(
+            "--model (one flow per --L; L=hmc for local HMC at that size), --hmc or --cluster "
+            "is required"
+        )
+    if args.cluster:
+        check_cluster_runtime(args.device)
+    models = {} if not args.model else parse_models(args.model, sizes, "--model", every=True)
     anchors = parse_models(args.anchor_model, sizes, "--anchor-model", every=False)
     if any(v is None for v in anchors.values()):
         raise ValueError("--anchor-model: expected L=PATH (a flow), not L=hmc")
@@ -142,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         n=args.n, chains=args.chains, thin=args.thin, therm=args.therm, seed=args.seed,
         chunk=args.chunk, batch=args.batch, hmc_traj=args.hmc_traj, hmc=hmc_settings(args),
         start=args.start,
+        cluster=cluster_settings(args, prefix="cluster-") if args.cluster else None,
     )  # fmt: skip
     config = ScanConfig(sizes=tuple(sizes), lams=args.lam, run=run_cfg, models=models,
                         m2=args.m2, dim=args.dim, anchor_models=anchors)  # fmt: skip
