@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
                                    ("--cluster", args.cluster)) if on]  # fmt: skip
     if len(modes) > 1:
         raise ValueError(
-            f"give one of --model (flows), --hmc or --cluster; got {' and '.join(modes)}"
+            f"give either --model (flows) or --hmc or --cluster, not several; got "
+            f"{' and '.join(modes)}"
         )
     if not modes:
         raise ValueError(

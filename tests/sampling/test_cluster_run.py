@@ -359,8 +359,8 @@ def test_scan_cluster(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "run.cluster" in capsys.readouterr().err
     # one mode at a time
     assert main([*argv[:1], "--hmc", *argv[1:]]) == 2
-    assert "give one of --model (flows), --hmc or --cluster; got --hmc and --cluster" in (
-        capsys.readouterr().err)
+    assert "give either --model (flows) or --hmc or --cluster, not several; got --hmc and " \
+        "--cluster" in capsys.readouterr().err
     assert main([*argv, "--device", "cuda"]) == 2
     assert "Expected --device cpu" in capsys.readouterr().err
     with pytest.raises(ValueError, match="Expected no models with run.cluster"):
