@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", type=Path, default=None, help="S vs S_eff PNG")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="override the checkpoint's Z2-symmetrisation")
+    p.add_argument("--int-steps", type=int, default=None,
+                   help="integration steps of a continuous flow (default: as trained; more "
+                   "steps make its log density more exact, docs/recipes.md)")
     p.set_defaults(func=run)
 
 
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         [(args.json, "json", "eval"), (args.plot, "png", "action-vs-effective")], inputs=inputs
     )
     model = load_model(model_path, device=device, dtype=resolve_dtype(args.dtype),
-                       symmetric=args.symmetric, lam=args.lam)
+                       symmetric=args.symmetric, lam=args.lam,
+                       int_steps=args.int_steps)
     res = evaluate_model(model, args.n, batch_size=args.batch,
                          generator=make_generator(args.seed, device))  # fmt: skip
     print(report.eval_table(res))

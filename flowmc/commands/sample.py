@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "cycles for the hybrid)")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="override the checkpoint's Z2-symmetrised proposal")
+    p.add_argument("--int-steps", type=int, default=None,
+                   help="integration steps of a continuous flow (default: as trained; more "
+                   "steps make its log density more exact, docs/recipes.md)")
     p.add_argument("--hmc-traj", type=int, default=0,
                    help="hybrid: HMC trajectories after each flow proposal (default 0: flow MH "
                    "alone); the chains then run in float64")
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                      adapt=adapt)
     device = job_device(resolve_device(args.device))  # cuda:LOCAL_RANK under torchrun
     model = load_model(args.model or default_model_path(), device=device,
-                       dtype=resolve_dtype(args.dtype), symmetric=args.symmetric, lam=args.lam)
+                       dtype=resolve_dtype(args.dtype), symmetric=args.symmetric, lam=args.lam,
+                       int_steps=args.int_steps)
     # under torchrun: each rank samples its block of chains into its shard (flowmc.sampling.shards)
     summary = run_sharded(args.out, cfg, model=model, device=device,
                           timeout_s=args.dist_timeout, **storage)  # fmt: skip

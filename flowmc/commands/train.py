@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--hidden", type=int_list, default=None, help="hidden channels, e.g. 8,8")
     g.add_argument("--kernel", type=int, default=None, help="odd conv kernel size")
     g.add_argument("--activation", default=None, help="leaky_relu, tanh, gelu, silu, relu")
-    g.add_argument("--coupling", default=None, help="coupling type: affine or spline")
+    g.add_argument("--coupling", default=None,
+                   help="layer family: affine or spline (coupling layers), cnf (an equivariant "
+                   "continuous flow; the cnf recipe)")
     g.add_argument("--prior-sigma", type=float, default=None, help="prior standard deviation")
     g.add_argument("--bins", type=int, default=None, help="spline bins (coupling spline)")
     g.add_argument("--spline-bound", type=float, default=None,
@@ -47,6 +49,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "orbit; docs/recipes.md)")
     g.add_argument("--zero-mode-bins", type=int, default=None,
                    help="bins of an odd spline of the magnetisation (0: none)")
+    g.add_argument("--int-steps", type=int, default=None,
+                   help="integration steps of a continuous flow (coupling cnf)")
+    g.add_argument("--integrator", default=None,
+                   help="integrator of a continuous flow: rk4, rk38, midpoint or euler")
+    g.add_argument("--cnf-freq", type=int, default=None,
+                   help="site-feature frequencies of a continuous flow")
+    g.add_argument("--cnf-channels", type=int, default=None,
+                   help="feature channels of a continuous flow")
+    g.add_argument("--cnf-time", type=int, default=None,
+                   help="Fourier modes of a continuous flow's time dependence (odd)")
+    g.add_argument("--penalty", type=float, default=None,
+                   help="weight of a continuous flow's integration-error penalty in training")
     g.add_argument("--equivariant", action=argparse.BooleanOptionalAction, default=None,
                    help="Z2-equivariant couplings")
     g.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
@@ -93,7 +107,9 @@ _ARCH_FLAGS = {
     "layers": "--layers", "hidden": "--hidden", "kernel": "--kernel", "activation": "--activation",
     "coupling": "--coupling", "prior_sigma": "--prior-sigma", "bins": "--bins",
     "spline_bound": "--spline-bound", "equivariant": "--equivariant", "momentum": "--momentum",
-    "zero_mode_bins": "--zero-mode-bins",
+    "zero_mode_bins": "--zero-mode-bins", "int_steps": "--int-steps",
+    "integrator": "--integrator", "cnf_freq": "--cnf-freq", "cnf_channels": "--cnf-channels",
+    "cnf_time": "--cnf-time", "penalty": "--penalty",
 }  # fmt: skip
 
 
@@ -140,7 +156,11 @@ def run(args: argparse.Namespace) -> int:
     given = [flag for dest, flag in _ARCH_FLAGS.items() if getattr(args, dest) is not None]
     if args.init_from is not None and given:
         raise ValueError(f"the architecture comes from --init-from; drop {', '.join(given)}")
-    extra = {"n_bins": args.bins, "spline_bound": args.spline_bound}
+    extra = {
+        "n_bins": args.bins, "spline_bound": args.spline_bound, "int_steps": args.int_steps,
+        "integrator": args.integrator, "n_freq": args.cnf_freq, "n_channels": args.cnf_channels,
+        "n_time": args.cnf_time, "penalty": args.penalty,
+    }
     flow_overrides = {
         "n_layers": args.layers,
         "hidden": _parse_hidden(args.hidden),

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import Tensor, nn
 
+from flowmc.flows.cnf import DISCREPANCY_TOLERANCE, ContinuousFlow, Discrepancy, log_det_discrepancy
 from flowmc.flows.couplings import AffineCoupling, checkerboard
 from flowmc.flows.nets import Blur, PeriodicCNN
 from flowmc.flows.prior import GaussianPrior
@@ -26,7 +27,10 @@ from flowmc.flows.spectral import MomentumScaling, ZeroModeSpectrum, ZeroModeSpl
 from flowmc.flows.splines import SplineCoupling
 from flowmc.lattice.action import check_field
 
-__all__ = ["Flow", "FlowAt", "FlowConfig", "build_flow", "Z2SymmetricFlow", "transfer_state_dict"]
+__all__ = [
+    "Flow", "FlowAt", "FlowConfig", "build_flow", "Z2SymmetricFlow", "transfer_state_dict",
+    "check_integration", "CNF_SETTINGS",
+]
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,11 @@ class FlowConfig:
         hidden: hidden channels of each conditioner CNN.
         kernel_size: odd convolution kernel size.
         activation: conditioner activation name.
-        coupling: ``"affine"``.
+        coupling: the layer family: ``"affine"`` or ``"spline"`` (coupling layers with
+            checkerboard masks and CNN conditioners), or ``"cnf"`` (an equivariant continuous
+            flow, :mod:`flowmc.flows.cnf`: ``n_layers`` ODE blocks, settings in ``extra``, see
+            :data:`CNF_SETTINGS`; ``hidden``, ``kernel_size``, ``activation`` and ``s_max`` do not
+            apply).
         equivariant: make every layer commute with phi -> -phi.
         s_max: bound on the per-layer log-scale.
         prior_sigma: standard deviation of the i.i.d. Gaussian prior.
@@ -90,6 +98,12 @@ class FlowConfig:
                 "Expected extra['zero_mode_position'] 'first' or 'last'; got "
                 f"{self.extra['zero_mode_position']!r}"
             )
+
+    @property
+    def z2_equivariant(self) -> bool:
+        """Whether every layer commutes with phi -> -phi (then q(-phi) = q(phi) exactly): the
+        equivariant couplings, and a continuous flow (its site features are odd)."""
+        return bool(self.equivariant or self.coupling == "cnf")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -161,8 +175,30 @@ def _spline_layer(cfg: FlowConfig, parity: int) -> nn.Module:
     )
 
 
-#: coupling name -> factory(config, parity) -> layer; other modules may register more.
-COUPLINGS = {"affine": _affine_layer, "spline": _spline_layer}
+#: settings of a continuous-flow layer that ``FlowConfig.extra`` may give, with their defaults
+CNF_SETTINGS = {
+    "n_freq": 16,
+    "n_channels": 12,
+    "n_time": 7,
+    "int_steps": 20,
+    "integrator": "rk4",
+    "penalty": 100.0,
+    "penalty_batch": 16,
+}
+
+
+def _cnf_layer(cfg: FlowConfig, parity: int) -> nn.Module:
+    """An equivariant continuous flow (:mod:`flowmc.flows.cnf`); ``cfg.extra`` may set the keys of
+    :data:`CNF_SETTINGS`. ``hidden``, ``kernel_size``, ``activation``, ``s_max`` and ``parity``
+    do not apply (the layer has no mask)."""
+    kw = {k: cfg.extra.get(k, v) for k, v in CNF_SETTINGS.items()}
+    return ContinuousFlow(
+        cfg.lattice_shape, degree=CONDITION_DEGREE if cfg.condition else None, **kw
+    )
+
+
+#: layer family name -> factory(config, parity) -> layer; other modules may register more.
+COUPLINGS = {"affine": _affine_layer, "spline": _spline_layer, "cnf": _cnf_layer}
 
 
 class Flow(nn.Module):
@@ -283,6 +319,71 @@ class Flow(nn.Module):
         z, log_det = self.inverse(phi, lam)
         return self.prior.log_prob(z) + log_det
 
+    def auxiliary_loss(self) -> Tensor | None:
+        """The training penalties the layers recorded in their last forward pass (the
+        integration-error penalty of a continuous flow), summed; ``None`` if there are none.
+        Reading them clears them."""
+        total = None
+        for layer in self.layers:
+            aux = layer.auxiliary_loss() if hasattr(layer, "auxiliary_loss") else None
+            if aux is not None:
+                total = aux if total is None else total + aux
+        return total
+
+    @property
+    def continuous_layers(self) -> list[ContinuousFlow]:
+        """The layers that integrate an ODE (their log determinant is approximate)."""
+        return [m for m in self.layers if isinstance(m, ContinuousFlow)]
+
+    def set_int_steps(self, n: int) -> None:
+        """Integrate every continuous layer with ``n`` steps from now on.
+
+        Raises:
+            ValueError: if ``n`` is not an integer >= 1 or the flow has no continuous layers.
+        """
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"Expected int_steps an integer >= 1; got {n!r}")
+        if not self.continuous_layers:
+            raise ValueError("Expected a flow with continuous layers (coupling cnf); this has none")
+        for layer in self.continuous_layers:
+            layer.int_steps = int(n)
+
+    def integration_discrepancy(
+        self,
+        n: int = 64,
+        *,
+        seed: int = 0,
+        lam: float | None = None,
+        steps: int | None = None,
+    ) -> list[Discrepancy]:
+        r"""How well each continuous layer's carried log determinant has converged.
+
+        Draws ``n`` prior samples (a fixed ``seed``), pushes them through the layers before each
+        continuous layer and compares that layer's :math:`\ell_N` with :math:`\ell_{2N}`
+        (:func:`flowmc.flows.cnf.log_det_discrepancy`). A flow without continuous layers gives
+        ``[]``.
+
+        Args:
+            n: samples.
+            seed: seed of the samples.
+            lam: the coupling of a conditional flow (default: the middle of its range).
+            steps: integration steps to assess (default each layer's ``int_steps``).
+        """
+        if not self.continuous_layers:
+            return []
+        g = torch.Generator(device=self.prior._ref.device).manual_seed(int(seed))
+        if self.is_conditional and lam is None:
+            lam = sum(self.lam_range) / 2
+        with torch.no_grad():
+            x = self.prior.sample(n, generator=g)
+            ctx = self._context(lam, n, x)
+            out = []
+            for layer in self.layers:
+                if isinstance(layer, ContinuousFlow):
+                    out.append(log_det_discrepancy(layer, x, ctx, steps=steps))
+                x, _ = layer(x, ctx) if ctx is not None else layer(x)
+        return out
+
     def draw_lam(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Couplings for a training batch of a conditional flow: stratified uniform over the
         range (one draw in each of ``n`` equal sub-intervals, shuffled), ``(n,)``."""
@@ -396,6 +497,46 @@ class Z2SymmetricFlow(nn.Module):
             )
             - math.log(2.0)
         )
+
+
+def check_integration(
+    proposal: nn.Module,
+    name: str = "the flow",
+    *,
+    tolerance: float = DISCREPANCY_TOLERANCE,
+    n: int = 64,
+) -> list[Discrepancy]:
+    r"""Refuse a proposal whose continuous layers integrate too coarsely to be used in an exact
+    chain: the rms of :math:`\ell_N - \ell_{2N}` must not exceed ``tolerance``
+    (:data:`flowmc.flows.cnf.DISCREPANCY_TOLERANCE`; the bias this allows is discussed in
+    :mod:`flowmc.flows.cnf`).
+
+    Args:
+        proposal: a :class:`Flow`, :class:`FlowAt` or :class:`Z2SymmetricFlow`.
+        name: how the error message names the flow (e.g. its file).
+        tolerance: the largest rms discrepancy accepted.
+        n: samples the discrepancy is measured on.
+
+    Returns:
+        The measured discrepancies (``[]`` for a flow without continuous layers).
+
+    Raises:
+        ValueError: one line naming the flow, the measured discrepancy and the remedy.
+    """
+    lam = None
+    flow = proposal
+    while not isinstance(flow, Flow):
+        lam = getattr(flow, "lam", lam)
+        flow = flow.flow
+    found = flow.integration_discrepancy(n, lam=lam)
+    for d in found:
+        if not d.rms <= tolerance:
+            raise ValueError(
+                f"{name}: its continuous flow's log density is not converged at {d.steps} "
+                f"integration steps (rms of l_N - l_2N = {d.rms:.2g} > tolerance {tolerance:g}); "
+                "use more steps (--int-steps) or retrain"
+            )
+    return found
 
 
 def _mirror(log_q: Tensor) -> Tensor:

@@ -283,9 +283,13 @@ class LoadedModel:
         self.path = path
         self.lam = lam
         self.symmetric = bool(checkpoint.get("symmetric", False))
+        #: integration steps of the continuous layers (``None``: the flow has none)
+        self.int_steps: int | None = (
+            flow.continuous_layers[0].int_steps if flow.continuous_layers else None
+        )
         base: Flow | FlowAt = flow.at(lam) if lam is not None else flow
         # an equivariant flow with an even prior has q(-phi) = q(phi): q_s = q exactly
-        wrap = self.symmetric and not (flow.config is not None and flow.config.equivariant)
+        wrap = self.symmetric and not (flow.config is not None and flow.config.z2_equivariant)
         self.proposal: Flow | FlowAt | Z2SymmetricFlow = Z2SymmetricFlow(base) if wrap else base
 
 
@@ -297,6 +301,7 @@ def load_model(
     lattice_shape: tuple[int, ...] | None = None,
     symmetric: bool | None = None,
     lam: float | None = None,
+    int_steps: int | None = None,
 ) -> LoadedModel:
     """Restore a trained flow.
 
@@ -307,6 +312,7 @@ def load_model(
         dtype: parameter dtype.
         lattice_shape: if given, the lattice the caller expects (error if different).
         symmetric: override the checkpoint's choice of Z2-symmetrised proposal.
+        int_steps: integration steps of a continuous flow's layers (default: as trained).
         lam: the quartic coupling to use a flow conditioned on it at (required for such a flow,
             inside its range); for a flow of one action it may only repeat that action's.
 
@@ -332,6 +338,13 @@ def load_model(
     flow.to(device=device, dtype=dtype).eval()
     for p in flow.parameters():
         p.requires_grad_(False)
+    if int_steps is not None:
+        if not flow.continuous_layers:
+            raise ValueError(
+                f"{path} has no continuous flow layers; --int-steps applies only to a "
+                "continuous flow (coupling cnf)"
+            )
+        flow.set_int_steps(int_steps)
     if flow.is_conditional:
         lo, hi = flow.lam_range
         if lam is None:

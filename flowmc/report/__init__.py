@@ -796,6 +796,13 @@ def eval_table(res: Any) -> str:
         + (f"   exact {exact:.6f}" if exact is not None else ""),
         f"frac M > 0   {fmt(d['frac_m_positive'], d['frac_m_positive_err'])}",
     ]
+    for i in d.get("integration", []):
+        lines.append(
+            f"log q error  {i['steps']} steps: l_N - l_2N rms {i['rms']:.2g}, max {i['max']:.2g} "
+            f"on {i['n']} draws (tolerance {i['tolerance']:g}: "
+            + ("within" if i["within"] else "EXCEEDED, flowmc sample refuses it")
+            + f"); round trip {i['round_trip']:.2g}"
+        )
     if d["n_nonfinite"]:
         lines.append(f"non-finite   {d['n_nonfinite']} samples had non-finite weights")
     bins = d.get("by_magnetization") or []

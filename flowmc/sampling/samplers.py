@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowmc.flows.flow import check_integration
 from flowmc.io.checkpoint import LoadedModel
 from flowmc.mcmc import hmc, imh
 from flowmc.mcmc.hybrid import HybridInfo, hybrid
@@ -73,6 +74,12 @@ def magnetization(phi: Tensor) -> Tensor:
     return phi.flatten(2).sum(2).double()
 
 
+def _int_steps(model: LoadedModel) -> dict:
+    """``{"int_steps": N}`` for a flow with continuous layers (part of the proposal), else
+    ``{}`` (the records of coupling flows stay as they were)."""
+    return {} if model.int_steps is None else {"int_steps": int(model.int_steps)}
+
+
 class FlowIMHSampler:
     name = "flow-imh"
 
@@ -82,6 +89,7 @@ class FlowIMHSampler:
         self.use_model(model)
 
     def use_model(self, model: LoadedModel) -> None:
+        check_integration(model.proposal, str(model.path))
         self.model, self.action, self.proposal = model, model.action, model.proposal
         self.dtype = imh.proposal_dtype(self.proposal)
         self.kernel = imh.flow_imh(self.proposal, self.action, self.sub_steps)
@@ -93,6 +101,7 @@ class FlowIMHSampler:
             "batch": self.sub_steps, "thin": c.thin, "therm": c.therm,
             "symmetric": bool(self.model.symmetric), "dtype": dtype_name(self.dtype),
             "rng": RNG_SCHEME, "adapt": None if c.adapt is None else c.adapt.to_dict(),
+            **_int_steps(self.model),
         }  # fmt: skip
 
     def start(self, rng: ChainRNG) -> tuple[imh.IMHState, dict]:
@@ -266,6 +275,7 @@ class HybridSampler:
         self.use_model(model)
 
     def use_model(self, model: LoadedModel) -> None:
+        check_integration(model.proposal, str(model.path))
         self.model, self.action, self.proposal = model, model.action, model.proposal
         self.flow_dtype = imh.proposal_dtype(self.proposal)
         self.flow_kernel = imh.flow_imh(self.proposal, self.action, 1)
@@ -287,6 +297,7 @@ class HybridSampler:
             "chain_dtype": dtype_name(self.dtype), "hmc_traj": self.K,
             **self.settings.attrs(self.hmc_part.step_size, self.hmc_part.num_steps),
             "rng": RNG_SCHEME, "adapt": None if c.adapt is None else c.adapt.to_dict(),
+            **_int_steps(self.model),
         }  # fmt: skip
 
     def start(self, rng: ChainRNG) -> tuple[CycleState, dict]:

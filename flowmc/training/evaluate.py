@@ -30,6 +30,8 @@ import torch
 
 from flowmc.analysis.autocorr import kish_ess
 from flowmc.analysis.diagnostics import Z2_SIGMA, SignBalance, binomial_error, sign_balance_rule
+from flowmc.flows.cnf import DISCREPANCY_TOLERANCE
+from flowmc.flows.flow import Flow
 from flowmc.lattice.action import Phi4Action
 from flowmc.mcmc import imh
 
@@ -92,6 +94,11 @@ class FlowEvaluation:
         sign_balance: the Z2 sign rule's outcome (``None`` if the target is not Z2 symmetric).
         by_magnetization: where the flow errs, per bin of the magnetisation density
             :math:`\bar\phi` (:func:`weights_by_magnetization`).
+        integration: for a flow with continuous layers, one dict per layer: ``steps``, ``rms`` and
+            ``max`` of the log-density discrepancy :math:`\ell_N - \ell_{2N}`, the backward
+            integration's ``round_trip`` error, the ``tolerance`` ``flowmc sample`` applies and
+            whether it is ``within`` it (:func:`flowmc.flows.flow.check_integration`); ``[]``
+            otherwise.
         seconds, model, action, symmetric, log_z_exact: filled by :func:`evaluate_model`.
         samples: the draws, ``{"action", "log_q", "magnetization"}`` float64 arrays ``(n,)``.
     """
@@ -113,6 +120,7 @@ class FlowEvaluation:
     z2_symmetric_action: bool
     sign_balance: SignBalance | None
     by_magnetization: list[dict[str, float]] = field(default_factory=list)
+    integration: list[dict[str, Any]] = field(default_factory=list)
     seconds: float | None = None
     model: str | None = None
     action: dict | None = None
@@ -272,6 +280,7 @@ def evaluate_model(
     """
     t0 = time.perf_counter()
     res = evaluate_flow(model.proposal, model.action, n, batch_size=batch_size, generator=generator)
+    res.integration = integration_report(model.proposal)
     res.seconds = time.perf_counter() - t0
     res.model = str(model.path)
     res.action = model.action.params()
@@ -279,6 +288,20 @@ def evaluate_model(
     if model.action.lam == 0:
         res.log_z_exact = float(model.action.free_theory().log_z())
     return res
+
+
+def integration_report(proposal: torch.nn.Module, n: int = 256) -> list[dict[str, Any]]:
+    """The log-density discrepancy of each continuous layer of ``proposal`` on ``n`` draws, with
+    the tolerance ``flowmc sample`` applies (``[]`` for a flow without continuous layers)."""
+    flow, lam = proposal, None
+    while not isinstance(flow, Flow):
+        lam = getattr(flow, "lam", lam)
+        flow = flow.flow
+    return [
+        {**d._asdict(), "tolerance": DISCREPANCY_TOLERANCE,
+         "within": bool(d.rms <= DISCREPANCY_TOLERANCE)}
+        for d in flow.integration_discrepancy(n, lam=lam)
+    ]
 
 
 def sign_balance(

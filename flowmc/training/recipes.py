@@ -66,6 +66,22 @@ _GLOBAL_FLOW = {
         "zero_mode_spectrum": 2,
     },
 }
+#: the equivariant continuous flow (arXiv:2207.00283; flowmc.flows.cnf) behind a momentum-space
+#: layer: a lattice-wide convolution of odd site features, integrated with RK4
+_CNF_FLOW = {
+    "n_layers": 1,
+    "coupling": "cnf",
+    "momentum": True,
+    "prior_sigma": 1.0,
+    "extra": {
+        "n_freq": 16, "n_channels": 12, "n_time": 7, "int_steps": 20, "integrator": "rk4",
+        "penalty": 100.0, "penalty_batch": 16,
+    },
+}
+_CNF_TRAIN = {
+    "batch_size": 64, "lr": 5e-3, "betas": (0.8, 0.9), "schedule": "cosine",
+    "lr_min_factor": 0.05,
+}
 RECIPES: dict[str, dict] = {
     "seed": {
         "flow": {"n_layers": 16, "hidden": (8, 8), "kernel_size": 3, "activation": "leaky_relu"},
@@ -79,6 +95,8 @@ RECIPES: dict[str, dict] = {
     "default": {"flow": _GLOBAL_FLOW, "train": {**_TRAIN, "n_steps": 1450}},
     # the same flow on a short schedule (under 2 CPU-minutes at L = 8)
     "fast": {"flow": _GLOBAL_FLOW, "train": {**_TRAIN, "n_steps": 200}},
+    # the equivariant continuous flow (docs/recipes.md)
+    "cnf": {"flow": _CNF_FLOW, "train": {**_CNF_TRAIN, "n_steps": 3000}},
     # the same family, wider and deeper, for accelerators (scripts/gpu_L32.py); one stage
     "large": {
         "flow": {**_GLOBAL_FLOW, "n_layers": 8, "hidden": (32, 32)},

@@ -60,6 +60,7 @@ class TrainConfig:
         lr: Adam learning rate.
         schedule: ``"constant"`` or ``"cosine"`` (decays to ``lr * lr_min_factor``).
         lr_min_factor: final learning rate as a fraction of ``lr`` for the cosine schedule.
+        betas: Adam's ``(beta1, beta2)``.
         grad_clip: max gradient norm (``0`` disables clipping).
         estimator: ``"reparam"`` or ``"path"``.
         symmetric: train the Z2-symmetrised density ½[q(φ)+q(−φ)] (see ``Z2SymmetricFlow``).
@@ -71,6 +72,7 @@ class TrainConfig:
     lr: float = 1e-3
     schedule: str = "constant"
     lr_min_factor: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 0.0
     estimator: str = "reparam"
     symmetric: bool = False
@@ -89,6 +91,13 @@ class TrainConfig:
             raise ValueError(f"Expected estimator 'reparam' or 'path'; got {self.estimator!r}")
         if self.grad_clip < 0:
             raise ValueError(f"Expected grad_clip >= 0; got {self.grad_clip}")
+        try:
+            betas = tuple(float(b) for b in self.betas)
+        except (TypeError, ValueError):
+            betas = ()
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"Expected betas (b1, b2) in [0, 1); got {self.betas!r}")
+        object.__setattr__(self, "betas", betas)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,7 +137,9 @@ def reverse_kl_loss(
     lam = _draw_lam(flow, batch_size, generator)
     phi, log_q = _proposal(flow, symmetric).sample(batch_size, generator=generator, **lam)
     log_p = -action(phi, **lam)
-    return (log_q - log_p).mean(), log_p, log_q
+    loss = (log_q - log_p).mean()
+    aux = flow.auxiliary_loss()  # a continuous flow's integration-error penalty
+    return (loss if aux is None else loss + aux), log_p, log_q
 
 
 def _path_gradient_loss(
@@ -280,7 +291,13 @@ class Trainer:
         self.config = config
         self.generator = generator
         self.seed = None if seed is None else int(seed)
-        self.optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr)
+        if config.estimator == "path" and getattr(flow, "continuous_layers", None):
+            raise ValueError(
+                "Expected estimator 'reparam' for a continuous flow (its log_prob integrates "
+                "backwards, which inverts the sampling map only up to the integration error); "
+                "got 'path'"
+            )
+        self.optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr, betas=config.betas)
         self.step_count = 0
         self.bad_steps = 0
         self.skipped_steps = 0
