@@ -62,11 +62,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _perturbed_flow() -> torch.nn.Module:
+CNF_CFG = FlowConfig((L, L), n_layers=1, coupling="cnf", momentum=True,
+                     extra={"n_freq": 4, "n_channels": 3, "int_steps": 4, "penalty_batch": 3})
+
+
+def _perturbed_flow(cfg: FlowConfig = FLOW_CFG) -> torch.nn.Module:
     """The test flow with every parameter randomised (the zero-initialised last layers would
     make the flow the identity, a special point for the gradient)."""
     torch.manual_seed(11)
-    flow = build_flow(FLOW_CFG).double()
+    flow = build_flow(cfg).double()
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -143,6 +147,12 @@ def _main_worker(rank: int, world: int, ports: list[int], tmp: Path) -> None:
             gi = tr.compute_gradient()
             probe[f"grad_{est}_{sym}"] = [p.grad.clone() for p in tr.flow.parameters()]
             probe[f"gather_{est}_{sym}"] = gi
+        # a continuous flow: each rank adds the integration penalty of its own shard
+        tr = distributed.DistributedTrainer(_perturbed_flow(CNF_CFG), ACTION,
+                                            TrainConfig(batch_size=BATCH), seed=SEED)
+        tr.flow.train()
+        tr.compute_gradient()
+        probe["grad_cnf"] = [p.grad.clone() for p in tr.flow.parameters()]
         # several steps: identical parameters, ESS on the gathered batch, a skipped step
         cfg = TrainConfig(batch_size=BATCH, lr=1e-2, grad_clip=1.0)
         tr = distributed.DistributedTrainer(_perturbed_flow(), ACTION, cfg, seed=SEED)
@@ -197,9 +207,9 @@ def ddp_run(tmp_path_factory):
     return tmp, probes, time.perf_counter() - t0
 
 
-def _shard_reference(est: str, sym: bool, n_shards: int = WORLD):
+def _shard_reference(est: str, sym: bool, n_shards: int = WORLD, cfg: FlowConfig = FLOW_CFG):
     """One process: the loss on the concatenation of the shards' batches (same streams)."""
-    flow = _perturbed_flow()
+    flow = _perturbed_flow(cfg)
     cfg = TrainConfig(batch_size=BATCH, estimator=est, symmetric=sym)
     tr = Trainer(flow, ACTION, cfg, seed=SEED)
     b = BATCH // WORLD
@@ -228,6 +238,19 @@ def test_two_ranks_gradient_equals_one_process_on_concatenated_batch(ddp_run, es
     alone, _, _ = _shard_reference(est, sym, n_shards=1)
     diff = max(float((a - r).abs().max()) for a, r in zip(alone, ref))
     assert diff > 1e-4, diff
+
+
+def test_two_ranks_continuous_flow_gradient(ddp_run):
+    """A continuous flow trains data-parallel: the all-reduced gradient is the mean over the
+    shards of (loss + integration penalty on that shard's first samples); negative control: one
+    shard alone."""
+    _, probes, _ = ddp_run
+    ref, _, _ = _shard_reference("reparam", False, cfg=CNF_CFG)
+    for probe in probes:
+        for g, r in zip(probe["grad_cnf"], ref):
+            torch.testing.assert_close(g, r, atol=1e-10, rtol=0)
+    alone, _, _ = _shard_reference("reparam", False, n_shards=1, cfg=CNF_CFG)
+    assert max(float((a - r).abs().max()) for a, r in zip(alone, ref)) > 1e-4
 
 
 def test_two_ranks_draw_different_samples(ddp_run):
