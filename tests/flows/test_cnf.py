@@ -291,3 +291,32 @@ def test_bad_settings_raise() -> None:
     layer = ContinuousFlow((4, 4))
     with pytest.raises(ValueError, match="Expected a weight with"):
         layer.resample_state({"weight": torch.zeros(3, 12, 7)}, (6, 6), (8, 8))
+
+
+def test_continuous_flow_everywhere_a_flow_works(tmp_path) -> None:  # noqa: ANN001
+    """The command surface with a conditional continuous flow on 4x4: train over a lam range,
+    eval (the log q discrepancy is reported), flow MH and the hybrid at a lam, a scan with it,
+    and a transfer to 8x8 with --init-from."""
+    from flowmc.cli import main
+    from flowmc.io.ensemble import open_ensemble
+
+    model = tmp_path / "c.pt"
+    common = ["--threads", "1", "--quiet"]
+    assert main(["train", "--L", "4", "--m2", "-4", "--lam", "4:5", "--recipe", "cnf",
+                 "--steps", "4", "--batch", "8", "--int-steps", "8", "--cnf-freq", "4",
+                 "--cnf-channels", "3", "--out", str(model), *common]) == 0  # fmt: skip
+    assert main(["eval", "--model", str(model), "--lam", "4.5", "--n", "64", "--batch", "32",
+                 "--json", str(tmp_path / "e.json"), "--threads", "1"]) == 0  # fmt: skip
+    import json
+    integ = json.loads((tmp_path / "e.json").read_text())["integration"]
+    assert integ[0]["steps"] == 8 and integ[0]["within"] is True
+    for extra, name in (([], "mh.h5"), (["--hmc-traj", "1", "--warmup", "5"], "hy.h5")):
+        assert main(["sample", "--model", str(model), "--lam", "4.5", "--n", "20",
+                     "--batch", "4", "--out", str(tmp_path / name), *extra, *common]) == 0
+        with open_ensemble(tmp_path / name) as ens:
+            assert ens.n == 20 and ens.sampler["int_steps"] == 8
+    assert main(["scan", "--model", str(model), "--L", "4", "--lam", "4:5:2", "--n", "20",
+                 "--batch", "4", "--no-plots", "--out", str(tmp_path / "scan"),
+                 *common]) == 0  # fmt: skip
+    assert main(["train", "--init-from", str(model), "--L", "8", "--steps", "2",
+                 "--batch", "8", "--out", str(tmp_path / "c8.pt"), *common]) == 0  # fmt: skip
