@@ -52,6 +52,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flowmc._checks import is_int
+
 __all__ = ["Crossing", "find_crossing", "pairwise_crossings", "METHODS"]
 
 #: Interpolation methods of :func:`find_crossing`.
@@ -277,9 +279,9 @@ def find_crossing(
         raise ValueError(f"Expected strictly increasing lams; got {x.tolist()}")
     if method not in METHODS:
         raise ValueError(f"Expected method in {METHODS}; got {method!r}")
-    if isinstance(window, bool) or int(window) != window or window < 3:
+    if not is_int(window, minimum=3, strict=False):
         raise ValueError(f"Expected window >= 3 points; got {window!r}")
-    if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 0:
+    if not is_int(n_boot, minimum=0, strict=False):
         raise ValueError(f"Expected n_boot >= 0; got {n_boot!r}")
     window, n_boot = int(window), int(n_boot)
     sizes = (int(sizes[0]), int(sizes[1]))

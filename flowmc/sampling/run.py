@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from flowmc._checks import check_int, check_positive_float, float_or_none
 from flowmc._version import flowmc_version
 from flowmc.flows.flow import Z2SymmetricFlow
 from flowmc.io.checkpoint import LoadedModel, load_checkpoint, load_model, save_checkpoint
@@ -97,12 +98,6 @@ _TUNED = ("step_size", "num_steps")
 _ADAPT_STREAM = 1
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"Expected an integer {name} >= {minimum}; got {value!r}")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class HMCSettings:
     """HMC settings (of ``flowmc hmc``, and of the HMC part of a hybrid).
@@ -124,14 +119,14 @@ class HMCSettings:
     flip: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("warmup", self.warmup, 0)
+        check_int("warmup", self.warmup, 0)
         if not (math.isfinite(self.traj_length) and self.traj_length > 0):
             raise ValueError(f"Expected traj_length > 0; got {self.traj_length}")
         if not 0.0 < self.target_accept < 1.0:
             raise ValueError(f"Expected target_accept in (0, 1); got {self.target_accept}")
-        hmc._check_integrator(self.integrator)
+        hmc.check_integrator(self.integrator)
         if self.step_size is not None:
-            hmc._check_step_size(self.step_size)
+            check_positive_float("step_size", self.step_size)
         elif self.warmup < 1:
             raise ValueError(
                 "Expected warmup >= 1 to tune the step size; got warmup=0 without a fixed "
@@ -188,13 +183,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name in ("n", "chains", "thin"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         if self.batch is not None:
-            _check_int("batch", self.batch, 1)
+            check_int("batch", self.batch, 1)
         for name in ("therm", "seed", "first_chain", "hmc_traj"):
-            _check_int(name, getattr(self, name), 0)
+            check_int(name, getattr(self, name), 0)
         if self.chunk is not None:
-            _check_int("chunk", self.chunk, 1)
+            check_int("chunk", self.chunk, 1)
         if self.start not in START_KINDS:
             raise ValueError(f"Expected start in {START_KINDS}; got {self.start!r}")
         if not isinstance(self.hmc, HMCSettings):
@@ -229,20 +224,12 @@ def _model_record(model: LoadedModel, sha: str) -> dict:
     rec = {
         "path": str(model.path),
         "sha256": sha,
-        "training_time_s": _float_or_none(meta.get("training_time_s")),
+        "training_time_s": float_or_none(meta.get("training_time_s")),
         "recipe": meta.get("recipe"),
     }
     if meta.get("training_time_total_s") is not None:
-        rec["training_time_total_s"] = _float_or_none(meta.get("training_time_total_s"))
+        rec["training_time_total_s"] = float_or_none(meta.get("training_time_total_s"))
     return rec
-
-
-def _float_or_none(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _check_adapted_target(path: Path, out: Path) -> None:
@@ -294,7 +281,7 @@ def _adapt(
     record["seconds"] = seconds
     path = adapted_model_path(out)
     bmeta = base.checkpoint.get("meta", {}) or {}
-    base_total = _float_or_none(bmeta.get("training_time_total_s", bmeta.get("training_time_s")))
+    base_total = float_or_none(bmeta.get("training_time_total_s", bmeta.get("training_time_s")))
     save_checkpoint(
         path, flow, base.action, symmetric=base.symmetric,
         train_config=base.checkpoint.get("train_config"),
