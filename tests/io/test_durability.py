@@ -21,14 +21,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from flowmc.cli import main
-from flowmc.flows.flow import FlowConfig, build_flow
-from flowmc.io.checkpoint import load_checkpoint, save_checkpoint
+from flowmc.io.checkpoint import load_checkpoint
 from flowmc.io.durable import DurableFile, deferred_sigint
 from flowmc.io.ensemble import EnsembleWriter, open_ensemble
 from flowmc.lattice.action import Phi4Action
+from tests.helpers import save_small_flow
 
 C, L = 2, (4, 3)
 SIZES = (3, 5, 2)
@@ -256,15 +255,6 @@ def test_failed_writer_never_crashes_the_process(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ the commands
 
 
-def _model(path: Path) -> Path:
-    torch.manual_seed(0)
-    flow = build_flow(FlowConfig((4, 4), n_layers=2, hidden=(4,), prior_sigma=0.6))
-    for p in flow.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    save_checkpoint(path, flow, Phi4Action(-1.0, 1.0, (4, 4)), symmetric=False)
-    return path
-
-
 def _ensemble_bytes(path: Path) -> dict:
     with open_ensemble(path) as ens:
         out = {k: ens.scalar(k).tobytes() for k in ens.scalar_names}
@@ -284,7 +274,7 @@ def test_sample_disk_full_fails_loudly_and_resumes_bit_identically(
 
     Failed before: success printed, rc 139 at exit, n = 20000 with 13,856 wrong rows.
     """
-    model = _model(tmp_path / "m.pt")
+    model = save_small_flow(tmp_path / "m.pt")
     args = ["sample", "--model", str(model), "--n", "200", "--batch", "64", "--chains", "2",
             "--seed", "5", "--quiet"]
     ref = tmp_path / "ref.h5"

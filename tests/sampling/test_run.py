@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from flowmc.cli import main
-from flowmc.flows.flow import FlowConfig, Z2SymmetricFlow, build_flow
-from flowmc.io.checkpoint import load_checkpoint, load_model, save_checkpoint
+from flowmc.flows.flow import Z2SymmetricFlow
+from flowmc.io.checkpoint import load_checkpoint, load_model
 from flowmc.io.ensemble import EnsembleWriter, file_sha256, open_ensemble
 from flowmc.lattice.action import Phi4Action
 from flowmc.mcmc.rng import ChainRNG, chain_seed, run_generator
@@ -26,34 +26,9 @@ from flowmc.sampling.protocol import FlowSampler, Sampler, TunedSampler
 from flowmc.sampling.run import SCALARS, HMCSettings, RunConfig, adapted_model_path, run_ensemble
 from flowmc.sampling.samplers import FlowIMHSampler, HMCSampler, HybridSampler
 from flowmc.training.adapt import AdaptConfig
+from tests.helpers import ensemble_dump as _dump
 
 SHAPE = (4, 4)
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        flow = build_flow(FlowConfig(SHAPE, n_layers=2, hidden=(4,), prior_sigma=0.6))
-        for p in flow.parameters():
-            torch.nn.init.normal_(p, std=0.05)
-    save_checkpoint(path, flow, Phi4Action(-1.0, 1.0, SHAPE), symmetric=True,
-                    meta={"training_time_s": 12.5, "recipe": "test"})  # fmt: skip
-    return path
-
-
-def _dump(path: Path) -> dict[str, bytes]:
-    """Every committed byte that a resumed run must reproduce."""
-    with open_ensemble(path) as ens:
-        out = {f"scalars/{k}": ens.scalar(k).tobytes() for k in ens.scalar_names}
-        if ens.has_configs:
-            out["configs"] = np.asarray(ens.configs).tobytes()
-        arrays, attrs = ens.load_state()
-        out.update({f"state/{k}": v.tobytes() for k, v in arrays.items()})
-        out["state_attrs"] = repr(sorted(attrs.items())).encode()
-        out["n"] = str(ens.n).encode()
-    return out
 
 
 def _columns(path: Path) -> dict[str, np.ndarray]:
