@@ -149,6 +149,57 @@ class _Begun(NamedTuple):
     record: dict  # the resolved options to store in the checkpoint
 
 
+def _check_start(
+    out: Path | None,
+    resume: bool,
+    init_from: Path | None,
+    checkpoint_every: int,
+    flow_over: dict[str, Any],
+    flow_config: FlowConfig | None,
+) -> None:
+    """The arguments of :func:`train_flow` that choose the start mode, checked together."""
+    if resume and init_from is not None:
+        raise ValueError("Expected either resume or init_from, not both")
+    if resume and out is None:
+        raise ValueError("Expected out (the checkpoint to resume) with resume=True")
+    if checkpoint_every < 0:
+        raise ValueError(f"Expected checkpoint_every >= 0; got {checkpoint_every}")
+    if (resume or init_from is not None) and (flow_over or flow_config is not None):
+        source = "the checkpoint to resume" if resume else "init_from"
+        raise ValueError(
+            f"Expected no architecture options: the architecture comes from {source}; got "
+            f"{sorted(flow_over) or ['flow_config']}"
+        )
+
+
+def _start_stage(
+    action: Phi4Action | None,
+    recipe: str,
+    init_from: Path | None,
+    flow_config: FlowConfig | None,
+    flow_over: dict[str, Any],
+    train_config: TrainConfig | None,
+    train_over: dict[str, Any],
+    symmetric: bool | None,
+    seed: int,
+    dtype: torch.dtype | None,
+    record: Mapping[str, Any] | None,
+) -> _Begun:
+    """A new stage (not a resume): from ``init_from`` or a new flow, trained with the recipe's
+    (or the given) hyper-parameters and ``train_over``."""
+    if action is None:
+        raise ValueError("Expected an action (the target to train for)")
+    recipe_flow, recipe_train = get_recipe(recipe, tuple(action.lattice_shape))
+    if init_from is not None:
+        begun = _start_from(init_from, action, dtype, record)
+    else:
+        begun = _start_new(action, flow_config or recipe_flow, flow_over, seed, dtype, record)
+    train_cfg = override(train_config or recipe_train, **train_over)
+    if symmetric is not None:
+        train_cfg = replace(train_cfg, symmetric=bool(symmetric))
+    return begun._replace(train_cfg=train_cfg)
+
+
 def _start_resumed(
     out: Path,
     action: Phi4Action | None,
@@ -333,18 +384,7 @@ def train_flow(
     out = None if out is None else Path(out)
     init_from = None if init_from is None else Path(init_from)
     flow_over, train_over = _set(flow_overrides), _set(train_overrides)
-    if resume and init_from is not None:
-        raise ValueError("Expected either resume or init_from, not both")
-    if resume and out is None:
-        raise ValueError("Expected out (the checkpoint to resume) with resume=True")
-    if checkpoint_every < 0:
-        raise ValueError(f"Expected checkpoint_every >= 0; got {checkpoint_every}")
-    if (resume or init_from is not None) and (flow_over or flow_config is not None):
-        source = "the checkpoint to resume" if resume else "init_from"
-        raise ValueError(
-            f"Expected no architecture options: the architecture comes from {source}; got "
-            f"{sorted(flow_over) or ['flow_config']}"
-        )
+    _check_start(out, resume, init_from, checkpoint_every, flow_over, flow_config)
     with parallel.process_group(device, timeout_s=timeout_s) as info, ExitStack() as held:
         rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
         local = info.local_rank if info is not None else 0
@@ -362,18 +402,8 @@ def train_flow(
             begun = _start_resumed(out, action, train_config, train_over, dtype, record,
                                    announce=main and progress)  # fmt: skip
         else:
-            if action is None:
-                raise ValueError("Expected an action (the target to train for)")
-            recipe_flow, recipe_train = get_recipe(recipe, tuple(action.lattice_shape))
-            if init_from is not None:
-                begun = _start_from(init_from, action, dtype, record)
-            else:
-                begun = _start_new(action, flow_config or recipe_flow, flow_over, seed, dtype,
-                                   record)  # fmt: skip
-            train_cfg = override(train_config or recipe_train, **train_over)
-            if symmetric is not None:
-                train_cfg = replace(train_cfg, symmetric=bool(symmetric))
-            begun = begun._replace(train_cfg=train_cfg)
+            begun = _start_stage(action, recipe, init_from, flow_config, flow_over, train_config,
+                                 train_over, symmetric, seed, dtype, record)  # fmt: skip
         action, flow, train_cfg = begun.action, begun.flow, begun.train_cfg
         ancestor, prev_meta, record = begun.ancestor, begun.prev_meta, begun.record
         flow.to(device=device, dtype=begun.dtype or torch.float32)

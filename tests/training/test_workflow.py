@@ -274,3 +274,12 @@ def test_the_three_start_modes_on_their_own(tmp_path, capsys):
     trainer = workflow._make_trainer(stage._replace(train_cfg=QUICK), 0, distributed_run=False,
                                      device=torch.device("cpu"))  # fmt: skip
     assert isinstance(trainer, Trainer) and trainer.step_count == 0
+
+    # choosing among them: a new stage gets the recipe's hyper-parameters with the overrides
+    stage = workflow._start_stage(action, "fast", None, None, {}, None, {"n_steps": 3}, True, 0,
+                                  None, None)  # fmt: skip
+    assert stage.train_cfg.n_steps == 3 and stage.train_cfg.symmetric is True
+    with pytest.raises(ValueError, match="either resume or init_from"):
+        workflow._check_start(tmp_path / "x.pt", True, tmp_path / "y.pt", 0, {}, None)
+    with pytest.raises(ValueError, match="architecture comes from init_from"):
+        workflow._check_start(None, False, tmp_path / "y.pt", 0, {"hidden": (2,)}, None)
