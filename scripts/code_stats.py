@@ -224,8 +224,18 @@ def elementary_cycles(graph: dict[str, set[str]], limit: int = 10_000) -> list[l
     return found
 
 
-def units(package_dir: Path) -> list[tuple[int, str, int]]:
-    """Every function and method: ``(lines, "module:Qual.name", first line)``, longest first."""
+def _docstring_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    first = node.body[0] if node.body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+        first.value.value, str
+    ):
+        return first.end_lineno - first.lineno + 1
+    return 0
+
+
+def units(package_dir: Path) -> list[tuple[int, str, int, int]]:
+    """Every function and method: ``(lines, "module:Qual.name", first line, docstring lines)``,
+    longest first."""
     out = []
     for m, path in modules(package_dir).items():
         tree = ast.parse(path.read_text(), str(path))
@@ -234,7 +244,8 @@ def units(package_dir: Path) -> list[tuple[int, str, int]]:
             for node in body:
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     name = f"{prefix}{node.name}"
-                    out.append((node.end_lineno - node.lineno + 1, f"{m}:{name}", node.lineno))
+                    out.append((node.end_lineno - node.lineno + 1, f"{m}:{name}", node.lineno,
+                                _docstring_lines(node)))  # fmt: skip
                     visit(node.body, f"{name}.")
                 elif isinstance(node, ast.ClassDef):
                     visit(node.body, f"{prefix}{node.name}.")
@@ -271,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"modules per folder ({sum(per_folder.values())} in all):")
     for folder, n in per_folder.items():
         print(f"  {folder + '/':24s} {n:3d}")
-    print(f"longest units (lines, of {len(units(pkg))} functions and methods):")
-    for n, name, line in longest:
-        print(f"  {n:4d}  {name} (line {line})")
+    print(f"longest units (lines, of which docstring; of {len(units(pkg))} functions and "
+          "methods):")  # fmt: skip
+    for n, name, line, doc in longest:
+        print(f"  {n:4d} {doc:4d}  {name} (line {line})")
     n_edges = sum(map(len, graph.values()))
     print(f"import graph: {len(mods)} modules, {n_edges} edges; {len(sccs)} cyclic components, "
           f"{len(cycles)} elementary cycles")
@@ -284,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "modules_per_folder": per_folder,
-            "longest_units": [{"lines": n, "unit": u, "line": ln} for n, u, ln in longest],
+            "longest_units": [{"lines": n, "docstring": d, "unit": u, "line": ln}
+                              for n, u, ln, d in longest],
             "modules": len(mods), "edges": n_edges, "cyclic_components": sccs,
             "cycles": cycles,
         }, indent=1) + "\n")  # fmt: skip
