@@ -8,6 +8,8 @@ or example depends on what ran before it. This file is not part of the installed
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -29,3 +31,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The examples of the compiled cluster kernel need numba (``flowmc-lattice[cluster]``, also
+    in ``[test]``); without it they are skipped, with the reason, instead of failing."""
+    if importlib.util.find_spec("numba") is not None:
+        return
+    skip = pytest.mark.skip(reason="needs numba (pip install flowmc-lattice[cluster])")
+    for item in items:
+        if isinstance(item, pytest.DoctestItem) and item.name.startswith("flowmc.mcmc.cluster"):
+            item.add_marker(skip)
