@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from flowmc._checks import is_int, is_real
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -153,18 +155,16 @@ def _convert(action: argparse.Action, value: Any) -> Any:
         return [_convert(one, v) for v in items]
     t = action.type
     if t is int or isinstance(t, IntRange):
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not is_int(value):
             raise want(t.describe() if isinstance(t, IntRange) else "an integer")
         if isinstance(t, IntRange):
             t.check(value)
     elif t is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not is_real(value):
             raise want("a number")
         value = float(value)
     elif t is int_list:
-        if isinstance(value, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
+        if isinstance(value, list) and all(is_int(v) for v in value):
             value = tuple(value)
         elif isinstance(value, str):
             try:
@@ -178,7 +178,7 @@ def _convert(action: argparse.Action, value: Any) -> Any:
             raise want("a string (a path)" if t is Path else "a string")
         value = Path(value) if t is Path else value
     else:  # another callable parses the value (a string, or a number it accepts)
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if not (isinstance(value, str) or is_real(value)):
             raise want("a string or a number")
         try:
             value = t(value)

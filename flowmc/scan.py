@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from flowmc import report
+from flowmc._checks import check_int, is_int, is_real
 from flowmc._version import flowmc_version
 from flowmc.analysis.compare import ensemble_cost
 from flowmc.analysis.crossing import METHODS, pairwise_crossings
@@ -124,7 +125,7 @@ def parse_lams(spec: str | float | Sequence[float]) -> tuple[float, ...]:
         (3.8, 4.05, 4.3, 4.55, 4.8)
     """
     want = "Expected --lam LO:HI:N (N points from LO to HI) or a list a,b,c"
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+    if is_real(spec):
         values = [float(spec)]
     elif isinstance(spec, str):
         text = spec.strip()
@@ -265,7 +266,7 @@ class ScanConfig:
             raise ValueError(f"Expected distinct lattice sizes L >= 2; got {list(self.sizes)}")
         object.__setattr__(self, "sizes", tuple(sorted(sizes)))
         object.__setattr__(self, "lams", parse_lams(list(self.lams)))
-        if isinstance(self.dim, bool) or int(self.dim) != self.dim or self.dim < 1:
+        if not is_int(self.dim, minimum=1, strict=False):
             raise ValueError(f"Expected dim >= 1; got {self.dim!r}")
         if not isinstance(self.run, RunConfig):
             raise ValueError(f"Expected run to be a RunConfig; got {type(self.run).__name__}")
@@ -327,9 +328,7 @@ class ScanOptions:
     def __post_init__(self) -> None:
         for name, minimum in (("discard", 0), ("logz_n", 0), ("logz_batch", 1), ("n_boot", 0),
                               ("crossing_window", 3)):  # fmt: skip
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-                raise ValueError(f"Expected an integer {name} >= {minimum}; got {v!r}")
+            check_int(name, getattr(self, name), minimum)
         if self.logz_n == 1:
             raise ValueError("Expected logz_n = 0 (off) or >= 2 draws; got 1")
         if not (math.isfinite(self.S) and self.S >= 0):

@@ -53,7 +53,7 @@ def test_privates_monkeypatching_and_isinstance(monkeypatch: pytest.MonkeyPatch)
     import flowmc.run as old_run
     from flowmc.run import RunConfig
 
-    assert old_run._check_int is flowmc.sampling.run._check_int  # a private, as before
+    assert old_run._check_resume_settings is flowmc.sampling.run._check_resume_settings  # private
     monkeypatch.setattr(old_run, "run_ensemble", "patched")  # through the old path ...
     assert flowmc.sampling.run.run_ensemble == "patched"  # ... it patches the one module
     assert isinstance(flowmc.sampling.run.RunConfig(n=1), RunConfig)

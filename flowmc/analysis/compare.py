@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from flowmc._checks import float_or_none
 from flowmc.analysis.ensemble import SCALAR_KEYS
 from flowmc.io.ensemble import open_ensemble
 
@@ -51,16 +52,6 @@ def uses_flow(sampler: Mapping[str, Any]) -> bool:
     return name.startswith("flow") or name == "hybrid"
 
 
-def _float(x: Any) -> float | None:
-    if isinstance(x, bool):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
 def _training_time(
     path: str, meta: Mapping[str, Any], train_time: float | None
 ) -> tuple[float | None, str | None, list[str]]:
@@ -68,7 +59,7 @@ def _training_time(
     if train_time is not None:
         return float(train_time), "given", []
     model = meta.get("model")
-    t = _float(model.get("training_time_s")) if isinstance(model, Mapping) else None
+    t = float_or_none(model.get("training_time_s")) if isinstance(model, Mapping) else None
     if t is not None and t >= 0:
         return t, "ensemble", []
     return None, None, [
@@ -90,7 +81,7 @@ def ensemble_cost(path: str | os.PathLike[str], *, train_time: float | None = No
         cost_per_config_s, warmup_time_s, train_time_s, train_time_source, model,
         train_cost_per_config_s, cost_per_config_with_training_s, warnings``.
     """
-    if train_time is not None and not (_float(train_time) is not None and train_time >= 0):
+    if train_time is not None and not (float_or_none(train_time) is not None and train_time >= 0):
         raise ValueError(f"Expected train_time >= 0 seconds; got {train_time!r}")
     with open_ensemble(path) as ens:
         wall = float(np.sum(ens.chunk_wall_times))
@@ -112,7 +103,9 @@ def ensemble_cost(path: str | os.PathLike[str], *, train_time: float | None = No
             "configs": configs,
             "wall_time_s": wall,
             "cost_per_config_s": wall / configs if configs else None,
-            "warmup_time_s": _float(warm.get("seconds")) if isinstance(warm, Mapping) else None,
+            "warmup_time_s": (
+                float_or_none(warm.get("seconds")) if isinstance(warm, Mapping) else None
+            ),
             "train_time_s": t_train,
             "train_time_source": source,
             "model": dict(model) if isinstance(model, Mapping) else None,
@@ -204,9 +197,9 @@ def compare(
     for lab, e, r in zip(labels, ens, res):
         warnings += e.pop("warnings")
         warnings += [f"{lab}: {w}" for w in r.get("warnings", [])]
-        e["acceptance"] = _float(r.get("acceptance"))
+        e["acceptance"] = float_or_none(r.get("acceptance"))
         by_kernel = r.get("acceptance_by_kernel") or {}
-        e["acceptance_by_kernel"] = {str(k): _float(v) for k, v in by_kernel.items()}
+        e["acceptance_by_kernel"] = {str(k): float_or_none(v) for k, v in by_kernel.items()}
         e["n_analysed"] = r.get("n")
     same = all(e["action"] == ens[0]["action"] for e in ens[1:])
     if not same:
@@ -219,7 +212,7 @@ def compare(
             continue
         row: dict[str, Any] = {}
         for lab, e, r in zip(labels, ens, res):
-            s: dict[str, Any] = {k: _float(r[name].get(k)) for k in _STAT_KEYS}
+            s: dict[str, Any] = {k: float_or_none(r[name].get(k)) for k in _STAT_KEYS}
             if "reliable" in r[name]:
                 s["reliable"] = bool(r[name]["reliable"])
             tau, per = s["tau_int"], e["cost_per_config_s"]

@@ -52,6 +52,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flowmc._checks import is_int
+
 __all__ = ["Crossing", "find_crossing", "pairwise_crossings", "METHODS"]
 
 #: Interpolation methods of :func:`find_crossing`.
@@ -263,6 +265,48 @@ def find_crossing(
         >>> round(c.lam, 12), round(c.value, 12)
         (2.0, 0.2)
     """
+    x, a, ea, b, eb = _check_curves(lams, y1, err1, y2, err2)
+    if method not in METHODS:
+        raise ValueError(f"Expected method in {METHODS}; got {method!r}")
+    if not is_int(window, minimum=3, strict=False):
+        raise ValueError(f"Expected window >= 3 points; got {window!r}")
+    if not is_int(n_boot, minimum=0, strict=False):
+        raise ValueError(f"Expected n_boot >= 0; got {n_boot!r}")
+    window, n_boot = int(window), int(n_boot)
+    sizes = (int(sizes[0]), int(sizes[1]))
+    rng_ = (float(x[0]), float(x[-1]))
+    base = {"observable": observable, "sizes": sizes, "method": method, "range": rng_}
+
+    d = b - a
+    s_d = np.sqrt(ea**2 + eb**2)
+    brackets = _brackets(d)
+    if not brackets:
+        return Crossing(**base, found=False,
+                        note=_no_crossing_note(x, d, s_d, observable or "y", sizes))  # fmt: skip
+    notes: list[str] = []
+    i = _best_bracket(brackets, d, s_d)
+    if len(brackets) > 1:
+        notes.append(
+            f"the difference changes sign in {len(brackets)} grid intervals (noise, or several "
+            f"crossings); using the most significant, [{_fmt(x[i])}, {_fmt(x[i + 1])}]"
+        )
+    interp, lam, value = _interpolate(x, a, b, s_d, i, method, window, notes)
+    chi2, dof = interp.chi2(d, s_d)
+    err_lin, val_err_lin = _linear_errors(interp, a, b, ea, eb)
+    err, err_err, val_err, n_failed = _bootstrap(interp, a, b, ea, eb, n_boot, seed, notes)
+    return Crossing(
+        **{**base, "method": interp.method}, found=True, lam=lam, error=err,
+        error_error=err_err, error_linear=err_lin, value=value, value_error=val_err,
+        value_error_linear=val_err_lin, bracket=(float(x[i]), float(x[i + 1])),
+        n_brackets=len(brackets), window=tuple(float(v) for v in x[interp.idx]), chi2=chi2,
+        dof=dof, n_boot=n_boot, n_failed=n_failed, note="; ".join(notes),
+    )  # fmt: skip
+
+
+def _check_curves(
+    lams: Any, y1: Any, err1: Any, y2: Any, err2: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The two curves as float arrays ``(lams, y1, err1, y2, err2)``, checked."""
     x = _as_1d("lams", lams)
     k = x.size
     a, b = _as_1d("y1", y1, k), _as_1d("y2", y2, k)
@@ -275,52 +319,55 @@ def find_crossing(
         raise ValueError("Expected errors >= 0")
     if np.any(np.diff(x) <= 0):
         raise ValueError(f"Expected strictly increasing lams; got {x.tolist()}")
-    if method not in METHODS:
-        raise ValueError(f"Expected method in {METHODS}; got {method!r}")
-    if isinstance(window, bool) or int(window) != window or window < 3:
-        raise ValueError(f"Expected window >= 3 points; got {window!r}")
-    if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 0:
-        raise ValueError(f"Expected n_boot >= 0; got {n_boot!r}")
-    window, n_boot = int(window), int(n_boot)
-    sizes = (int(sizes[0]), int(sizes[1]))
-    name = observable or "y"
-    rng_ = (float(x[0]), float(x[-1]))
-    base = {"observable": observable, "sizes": sizes, "method": method, "range": rng_}
+    return x, a, ea, b, eb
 
-    d = b - a
-    s_d = np.sqrt(ea**2 + eb**2)
-    z = np.abs(d) / np.where(s_d > 0, s_d, np.inf)
+
+def _brackets(d: np.ndarray) -> list[int]:
+    """The grid intervals ``(i, i+1)`` where the difference ``d`` changes sign (or is 0)."""
+    k = d.size
     brackets = [i for i in range(k - 1) if d[i] == 0 or d[i] * d[i + 1] < 0]
     if k >= 2 and d[-1] == 0 and (k - 2) not in brackets:
         brackets.append(k - 2)
-    if not brackets:
-        j = int(np.argmin(np.where(s_d > 0, z, np.abs(d))))
-        sign = ">" if d[0] > 0 else "<"
-        return Crossing(
-            **base, found=False,
-            note=(
-                f"no crossing of {name} between L={sizes[0]} and L={sizes[1]} inside "
-                f"[{_fmt(rng_[0])}, {_fmt(rng_[1])}]: {name}(L={sizes[1]}) - "
-                f"{name}(L={sizes[0]}) {sign} 0 at all {k} points (closest at lam = "
-                f"{_fmt(float(x[j]))}, {z[j]:.1f} sigma)"
-            ),
-        )  # fmt: skip
-    notes: list[str] = []
-    i = brackets[0]
-    if len(brackets) > 1:  # the sign change that best splits the grid into d < 0 and d > 0
-        zs = d / np.where(s_d > 0, s_d, 1.0)
-        cum = np.cumsum(zs)
+    return brackets
 
-        def score(j: int) -> float:
-            rising = 1.0 if d[j + 1] > d[j] else -1.0
-            return rising * ((cum[-1] - cum[j]) - cum[j])
 
-        i = max(brackets, key=lambda j: (score(j), -j))
-    if len(brackets) > 1:
-        notes.append(
-            f"the difference changes sign in {len(brackets)} grid intervals (noise, or several "
-            f"crossings); using the most significant, [{_fmt(x[i])}, {_fmt(x[i + 1])}]"
-        )
+def _best_bracket(brackets: list[int], d: np.ndarray, s_d: np.ndarray) -> int:
+    """The sign change that best splits the grid into ``d < 0`` and ``d > 0`` (the module
+    docstring's score); the only one if there is one."""
+    if len(brackets) == 1:
+        return brackets[0]
+    zs = d / np.where(s_d > 0, s_d, 1.0)
+    cum = np.cumsum(zs)
+
+    def score(j: int) -> float:
+        rising = 1.0 if d[j + 1] > d[j] else -1.0
+        return rising * ((cum[-1] - cum[j]) - cum[j])
+
+    return max(brackets, key=lambda j: (score(j), -j))
+
+
+def _no_crossing_note(
+    x: np.ndarray, d: np.ndarray, s_d: np.ndarray, name: str, sizes: tuple[int, int]
+) -> str:
+    """What to say when the difference keeps its sign: where it comes closest to 0."""
+    z = np.abs(d) / np.where(s_d > 0, s_d, np.inf)
+    j = int(np.argmin(np.where(s_d > 0, z, np.abs(d))))
+    sign = ">" if d[0] > 0 else "<"
+    return (
+        f"no crossing of {name} between L={sizes[0]} and L={sizes[1]} inside "
+        f"[{_fmt(float(x[0]))}, {_fmt(float(x[-1]))}]: {name}(L={sizes[1]}) - "
+        f"{name}(L={sizes[0]}) {sign} 0 at all {x.size} points (closest at lam = "
+        f"{_fmt(float(x[j]))}, {z[j]:.1f} sigma)"
+    )
+
+
+def _interpolate(
+    x: np.ndarray, a: np.ndarray, b: np.ndarray, s_d: np.ndarray, i: int, method: str,
+    window: int, notes: list[str],
+) -> tuple[_Interp, float, float]:
+    """The interpolation of bracket ``i`` and the crossing ``(interp, lam, value)``; falls back
+    to linear with 2 points or a quadratic without a root in range (noted in ``notes``)."""
+    k = x.size
     used = method
     if method == "quadratic" and k < 3:
         used = "linear"
@@ -329,16 +376,22 @@ def find_crossing(
     s_m = 0.5 * s_d
     interp = _Interp(x, s_d, s_m, i, used, win)
     mean = 0.5 * (a + b)
+    d = b - a
     lam = float(interp.roots(d[None])[0])
     if not math.isfinite(lam):  # the fitted quadratic has no root in range: use the bracket
-        used = "linear"
         notes.append("the quadratic fit has no root inside the range; linear interpolation")
-        interp = _Interp(x, s_d, s_m, i, used, win)
+        interp = _Interp(x, s_d, s_m, i, "linear", win)
         lam = float(interp.roots(d[None])[0])
     value = float(interp.values(mean[None], np.array([lam]))[0])
-    chi2, dof = interp.chi2(d, s_d)
+    return interp, lam, value
 
-    # linear propagation: central differences in every input that the interpolation uses
+
+def _linear_errors(
+    interp: _Interp, a: np.ndarray, b: np.ndarray, ea: np.ndarray, eb: np.ndarray
+) -> tuple[float, float]:
+    """The linearly propagated errors of the crossing and of its value: central differences in
+    every input that the interpolation uses."""
+    k = a.size
     sig = np.concatenate([ea, eb])
     grad_lam, grad_val = np.zeros(2 * k), np.zeros(2 * k)
     idx = np.nonzero(sig > 0)[0]
@@ -355,10 +408,19 @@ def find_crossing(
         grad_val[idx] = (vr[0::2] - vr[1::2]) / (2 * h)
     err_lin = float(math.sqrt(np.nansum((grad_lam * sig) ** 2)))
     val_err_lin = float(math.sqrt(np.nansum((grad_val * sig) ** 2)))
+    return err_lin, val_err_lin
 
+
+def _bootstrap(
+    interp: _Interp, a: np.ndarray, b: np.ndarray, ea: np.ndarray, eb: np.ndarray, n_boot: int,
+    seed: int, notes: list[str],
+) -> tuple[float | None, float | None, float | None, int]:
+    """The parametric bootstrap over the points: ``(error, error_error, value_error,
+    n_failed)``; ``None`` errors without replicas (or fewer than 2 with a root)."""
     err = err_err = val_err = None
     n_failed = 0
     if n_boot > 0:
+        k = a.size
         gen = np.random.default_rng(seed)
         ra = a + ea * gen.standard_normal((n_boot, k))
         rb = b + eb * gen.standard_normal((n_boot, k))
@@ -375,13 +437,7 @@ def find_crossing(
                 f"{n_failed} of {n_boot} bootstrap replicas have no crossing inside the range: "
                 "the crossing is not significant at this precision (errors unreliable)"
             )
-    return Crossing(
-        **{**base, "method": used}, found=True, lam=lam, error=err, error_error=err_err,
-        error_linear=err_lin, value=value, value_error=val_err, value_error_linear=val_err_lin,
-        bracket=(float(x[i]), float(x[i + 1])), n_brackets=len(brackets),
-        window=tuple(float(v) for v in x[interp.idx]), chi2=chi2, dof=dof, n_boot=n_boot,
-        n_failed=n_failed, note="; ".join(notes),
-    )  # fmt: skip
+    return err, err_err, val_err, n_failed
 
 
 def pairwise_crossings(

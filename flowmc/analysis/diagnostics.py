@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flowmc._checks import is_int
+
 __all__ = [
     "Z2_SIGMA",
     "SignBalance",
@@ -258,7 +260,7 @@ def acceptance_by_kernel(
                 notes.append(f"scalar {name!r} has non-finite values: {kernel} acceptance skipped")
                 continue
             per_row = sampler.get(f"{kernel}_traj")
-            counted = isinstance(per_row, int) and not isinstance(per_row, bool) and per_row >= 1
+            counted = is_int(per_row, minimum=1)
             if suffix == "_accepted" and counted:  # counts of accepted moves out of per_row
                 x = x / per_row
             elif suffix == "_accepted" and x.size and float(x.max()) > 1.0:

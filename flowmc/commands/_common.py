@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from flowmc._checks import is_real
 from flowmc.config import NON_NEGATIVE, POSITIVE, IntRange
 from flowmc.io.ensemble import check_output
 from flowmc.io.shipped import (  # noqa: F401 - re-exported for the subcommands
@@ -44,7 +45,7 @@ def add_action_options(p: argparse.ArgumentParser, required: bool = True) -> Non
 
 def lam_value(text: str | float) -> float | tuple[float, float]:
     """``--lam``: a coupling (``8``) or a range ``LO:HI`` (``4:8``)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
+    if is_real(text):
         return float(text)
     parts = str(text).split(":")
     try:

@@ -17,21 +17,27 @@ share five rules, implemented once here (standard library only):
 * **One writer per output name.** :class:`NameLock` holds an exclusive ``flock`` on a sibling
   file ``.<name>.lock`` for the whole run, so a second writer of the same name (``--force`` or
   ``--resume``) fails at once instead of destroying the first one's data.
-* **New files appear complete.** A new file is written under a temporary name
-  ``.<name>.tmp-<pid>`` in the same directory and renamed over the final name at its first
-  commit, followed by ``fsync`` of the directory (:func:`fsync_dir`). :func:`check_replaceable`
-  decides whether ``--force`` may replace an existing file: only a regular file that the
-  command itself writes (a flowmc ensemble, a flowmc checkpoint), and only if no other process
-  holds it.
+* **New files appear complete.** Every file flowmc writes is *published*: written under a
+  temporary name ``.<name>.tmp-<pid>`` in the same directory, ``fsync``-ed, renamed over the final
+  name (``os.replace``, atomic), followed by ``fsync`` of the directory (:func:`fsync_dir`); on
+  any failure before the rename the temporary file is removed and the final name is untouched.
+  :func:`publish` is that sequence, the one copy of it: checkpoints
+  (:func:`write_atomically`), reports (:func:`flowmc.io.safeio.write_atomic`), the rebuild of an
+  ensemble and the join of a sharded one use it as a ``with`` block; a new ensemble, renamed at
+  its first commit rather than at the end of a block, uses its steps (:class:`Staged`).
+  :func:`check_replaceable` decides whether ``--force`` may replace an existing file: only a
+  regular file that the command itself writes (a flowmc ensemble, a flowmc checkpoint), and only
+  if no other process holds it.
 * **A full disk is found before a commit writes anything.** :meth:`DurableFile.reserve`
   allocates (``posix_fallocate``) generously more than a commit will write before it starts,
   so that ``ENOSPC`` hits there, leaving the file untouched and consistent, and not in the
   middle of HDF5's flush.
 
 Fault injection: tests set :attr:`DurableFile.fault_hook` to a callable ``hook(op, path,
-nbytes)`` that is called before every low-level ``"write"``, ``"truncate"``, ``"fsync"`` and
-``"reserve"`` and may raise ``OSError`` (e.g. ``ENOSPC`` on the k-th write), which is then
-handled exactly like a real failure of that system call.
+nbytes)`` that is called before every low-level ``"write"``, ``"truncate"``, ``"fsync"`` (of a
+file or of a directory), ``"reserve"`` and ``"replace"`` (the rename of a publication) and may
+raise ``OSError`` (e.g. ``ENOSPC`` on the k-th write), which is then handled exactly like a real
+failure of that system call.
 """
 
 from __future__ import annotations
@@ -57,9 +63,11 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "DurableFile",
     "NameLock",
+    "Staged",
     "check_replaceable",
     "deferred_sigint",
     "fsync_dir",
+    "publish",
     "temp_path",
     "write_atomically",
 ]
@@ -374,30 +382,130 @@ def _flock(fd: int, *, exclusive: bool, what: str) -> None:
         _locks_unsupported(what)
 
 
+# --------------------------------------------------------------------------- publication
+
+
+class Staged:
+    """A file written under a temporary name next to its final one, until it is published.
+
+    The steps of :func:`publish`, for a writer that needs them apart (an ensemble is renamed at
+    its first commit, while it stays open). Creating it removes a temporary file of the same name
+    (left by a killed process with our pid; it was never published).
+
+    Args:
+        path: the final name.
+
+    Attributes:
+        path: the final name.
+        temp: the temporary name, ``.<name>.tmp-<pid>`` in the same directory.
+        file: the :class:`DurableFile` opened by :meth:`open`, else ``None``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.temp = temp_path(self.path)
+        self.file: DurableFile | None = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.temp)
+
+    def open(self) -> DurableFile:
+        """Create the temporary file and open it as a :class:`DurableFile`."""
+        self.file = DurableFile(self.temp, create=True)
+        return self.file
+
+    def sync(self) -> None:
+        """``fsync`` the temporary file and close it; raise its first write or sync failure.
+
+        A temporary file written by other means than :meth:`open` (a plot saved by matplotlib)
+        is opened for this.
+        """
+        f = self.file if self.file is not None else DurableFile(self.temp, create=False)
+        try:
+            f.sync()
+            f.check()
+        finally:
+            f.close()
+
+    def replace(self, verify: Callable[[str], None] | None = None) -> None:
+        """Rename the temporary file over the final name (atomic), after ``verify(temp)``.
+
+        ``verify`` may raise to stop the publication (e.g. the final name has become a file that
+        may not be replaced); the temporary file is then left for the caller to :meth:`discard`.
+        """
+        if verify is not None:
+            verify(self.temp)
+        _hook("replace", self.path, 0)
+        os.replace(self.temp, self.path)
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (nothing was published); never raises."""
+        if self.file is not None:
+            self.file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.temp)
+
+
+@contextlib.contextmanager
+def publish(
+    path: str | os.PathLike[str],
+    *,
+    verify: Callable[[str], None] | None = None,
+    best_effort_dir_sync: bool = False,
+) -> Iterator[Staged]:
+    """Write a file under a temporary name, then give it ``path``: the one publish sequence.
+
+    The block writes :attr:`Staged.temp` (through :meth:`Staged.open`, or by any other means).
+    When it ends without an error: the temporary file is ``fsync``-ed and closed,
+    ``verify(temp)`` runs (if given), the file is renamed over ``path`` (``os.replace``:
+    readers see the old file or the complete new one, never a part, also after a power cut) and
+    the directory is ``fsync``-ed (:func:`fsync_dir`). If the block or any step up to the rename
+    fails, the temporary file is removed, ``path`` is unchanged, and the error propagates.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "out.bin")
+        >>> with publish(path) as staged:
+        ...     _ = staged.open().write(b"complete")
+        >>> with open(path, "rb") as fh:
+        ...     fh.read(), os.listdir(os.path.dirname(path))
+        (b'complete', ['out.bin'])
+
+    Args:
+        path: the final name.
+        verify: a last check of the temporary file (or of ``path``) before the rename.
+        best_effort_dir_sync: ignore a failure to ``fsync`` the directory (reports: the file is
+            complete under its name; only the rename's durability across a power cut is not
+            assured). By default such a failure raises, after the rename.
+
+    Raises:
+        OSError: from any step (the temporary file is gone; ``path`` is unchanged unless only
+            the ``fsync`` of the directory failed).
+    """
+    staged = Staged(path)
+    try:
+        yield staged
+        staged.sync()
+        staged.replace(verify)
+    except BaseException:
+        staged.discard()
+        raise
+    if best_effort_dir_sync:
+        with contextlib.suppress(OSError):
+            fsync_dir(staged.path)
+    else:
+        fsync_dir(staged.path)
+
+
 def write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path``: temporary file, ``fsync``, rename, ``fsync`` of the directory.
+    """Write ``data`` to ``path`` through :func:`publish`.
 
     Readers see the old file or the complete new one, never a part, also after a power cut.
 
     Raises:
         OSError: if any step fails (the temporary file is removed and ``path`` is unchanged).
     """
-    tmp = temp_path(path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    f = DurableFile(tmp, create=True)
-    try:
-        f.write(data)
-        f.sync()
-        f.check()
-        f.close()
-        os.replace(tmp, path)
-    except BaseException:
-        f.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path)
+    with publish(path) as staged:
+        staged.open().write(data)
 
 
 # --------------------------------------------------------------------------- locks

@@ -2,8 +2,9 @@ r"""HDF5 storage of Markov chain ensembles: one file per run, durable commits, e
 
 Both samplers (flow independence Metropolis-Hastings and HMC) write through
 :class:`EnsembleWriter`; analysis reads through :class:`Ensemble` (read-only, lazy). The layer is
-sampler-agnostic: it stores arrays and JSON metadata. The schema (``schema_version`` 1) is
-documented in ``docs/ensemble-format.md``; files are readable with plain ``h5py``.
+sampler-agnostic: it stores arrays and JSON metadata. The schema (``schema_version`` 1: the root
+attributes, the datasets and their layout) lives in :mod:`flowmc.io.schema` and is documented in
+``docs/ensemble-format.md``; files are readable with plain ``h5py``.
 
 Layout (``n`` configurations per chain, ``C`` chains, lattice ``L``)::
 
@@ -20,10 +21,12 @@ only then updates ``n``, flushes and ``fsync``-s again, so a process killed (or 
 loses power) at any moment leaves a file whose first ``n`` rows and state are those of the last
 completed commit. Every write goes through :class:`flowmc.io.durable.DurableFile`, so a failed write
 (full disk, I/O error) is never silent: it raises, poisons the writer and leaves the last commit.
-A new file appears under its name only at its first commit; a writer holds its output name
-(``.<name>.lock``) until it is closed; a file not closed cleanly is rebuilt from its committed
-part when resumed. Rows beyond ``n`` are ignored on read and truncated on resume. Details and
-the remaining risks: ``docs/ensemble-format.md``, "Durability".
+A new file appears under its name only at its first commit (the rename of
+:class:`flowmc.io.durable.Staged`); a writer holds its output name (``.<name>.lock``) until it is
+closed; a file not closed cleanly is rebuilt from its committed part when resumed (a copy
+published by :func:`flowmc.io.durable.publish`). Rows beyond ``n`` are ignored on read and
+truncated on resume. Details and the remaining risks: ``docs/ensemble-format.md``,
+"Durability".
 
 Example:
     >>> import numpy as np, tempfile, os
@@ -62,9 +65,10 @@ try:  # h5py is a declared dependency, but keep the module importable without it
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
     h5py = None
 
+from flowmc._checks import is_int
 from flowmc._version import flowmc_version
-from flowmc.io import durable, safeio
-from flowmc.io.formats import ENSEMBLE_FORMAT, ENSEMBLE_SCHEMA_VERSION
+from flowmc.io import durable, safeio, schema
+from flowmc.io.schema import BOOL_SCALARS, FORMAT, SCHEMA_VERSION, json_dumps
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -79,11 +83,6 @@ __all__ = [
     "json_dumps",
 ]
 
-FORMAT = ENSEMBLE_FORMAT
-SCHEMA_VERSION = ENSEMBLE_SCHEMA_VERSION
-
-#: Scalar names stored as booleans; every other per-configuration scalar is float64.
-BOOL_SCALARS = frozenset({"accepted", "is_accepted"})
 #: Keys that :meth:`EnsembleWriter.resume` can check through ``expect``.
 EXPECT_KEYS = (
     "lattice_shape",
@@ -97,12 +96,7 @@ EXPECT_KEYS = (
     "config_dtype",
     "compression",
 )
-_CONFIG_DTYPES = ("float32", "float64")
-_COMPRESSIONS = (None, "gzip", "lzf")
-_SLOTS = ("slot0", "slot1")
-_MAX_CHUNK_BYTES = 4 * 2**20  # cap on one HDF5 chunk of configs
 _RESERVE_SLACK = 256 * 2**10  # metadata a commit may add (index nodes, headers), generously
-_MAX_ATTR_BYTES = 60_000  # compact HDF5 attributes must stay below 64 KiB
 _CHUNK_CACHE_BYTES = 64 * 2**20
 
 
@@ -135,37 +129,6 @@ def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
         x = x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def json_dumps(name: str, value: Any) -> str:
-    """``value`` as the JSON text of a root attribute (sorted keys; at most 60,000 bytes).
-
-    Raises:
-        ValueError: naming ``name``, if ``value`` is not JSON-serialisable or too long.
-    """
-    try:
-        text = json.dumps(value, sort_keys=True, allow_nan=True, default=_json_default)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"Expected {name} to be JSON-serialisable; got {value!r} ({e})") from None
-    if len(text.encode()) > _MAX_ATTR_BYTES:
-        raise ValueError(
-            f"Expected {name} to serialise to at most {_MAX_ATTR_BYTES} bytes of JSON; "
-            f"got {len(text.encode())}"
-        )
-    return text
-
-
-def _json_normalise(value: Any) -> Any:
-    """Round-trip through JSON so that tuples/lists and numpy scalars compare equal."""
-    return json.loads(json.dumps(value, sort_keys=True, default=_json_default))
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"{type(x).__name__} is not JSON-serialisable")
 
 
 def _check_name(kind: str, name: Any) -> str:
@@ -246,7 +209,7 @@ def _validate_root_unchecked(f: h5py.File, path: str) -> dict[str, Any]:
             f"(expected {FORMAT!r})"
         )
     version = _decode(raw.get("schema_version"))
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not is_int(version):
         raise ValueError(f"{path!r}: invalid or missing 'schema_version' attribute {version!r}")
     if version > SCHEMA_VERSION:
         raise ValueError(
@@ -256,7 +219,7 @@ def _validate_root_unchecked(f: h5py.File, path: str) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
     for key, value in raw.items():
         value = _decode(value)
-        if key in ("action", "sampler", "meta", "scalar_names", "shards"):
+        if key in schema.JSON_ATTRS:
             try:
                 value = json.loads(value)
             except (TypeError, ValueError) as e:
@@ -269,17 +232,16 @@ def _validate_root_unchecked(f: h5py.File, path: str) -> dict[str, Any]:
         if key in attrs and not isinstance(attrs[key], dict):
             raise bad(f"root attribute {key!r} must be a JSON object; got {_type_name(attrs[key])}")
     n = attrs.get("n")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    if not is_int(n, minimum=0):
         raise ValueError(f"{path!r}: invalid or missing root attribute 'n' ({n!r})")
     shape = attrs["lattice_shape"]
     if not isinstance(shape, tuple):
         shape = (shape,)
-    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
-                            for s in shape):
+    if not shape or not all(is_int(s, minimum=1) for s in shape):
         raise bad(f"root attribute 'lattice_shape' must be positive integers; got {shape!r}")
     attrs["lattice_shape"] = shape
     C = attrs["n_chains"]
-    if not isinstance(C, int) or isinstance(C, bool) or C < 1:
+    if not is_int(C, minimum=1):
         raise bad(f"root attribute 'n_chains' must be an integer >= 1; got {C!r}")
     names = attrs["scalar_names"]
     if not isinstance(names, list) or not all(isinstance(s, str) and s for s in names):
@@ -287,8 +249,8 @@ def _validate_root_unchecked(f: h5py.File, path: str) -> dict[str, Any]:
     if not isinstance(attrs["store_configs"], bool):
         raise bad(f"root attribute 'store_configs' must be a boolean; got "
                   f"{attrs['store_configs']!r}")
-    if attrs["store_configs"] and attrs.get("config_dtype", "float32") not in _CONFIG_DTYPES:
-        raise bad(f"root attribute 'config_dtype' must be one of {_CONFIG_DTYPES}; got "
+    if attrs["store_configs"] and attrs.get("config_dtype", "float32") not in schema.CONFIG_DTYPES:
+        raise bad(f"root attribute 'config_dtype' must be one of {schema.CONFIG_DTYPES}; got "
                   f"{attrs.get('config_dtype')!r}")
     if attrs.get("compression", "") not in ("", "gzip", "lzf"):
         raise bad(f"root attribute 'compression' must be '', 'gzip' or 'lzf'; got "
@@ -297,7 +259,7 @@ def _validate_root_unchecked(f: h5py.File, path: str) -> dict[str, Any]:
         raise bad(f"root attribute 'model_sha256' must be a string; got "
                   f"{attrs['model_sha256']!r}")
     seed = attrs.get("seed", -1)
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not is_int(seed):
         raise bad(f"root attribute 'seed' must be an integer; got {seed!r}")
     attrs["seed"] = None if seed == -1 else seed
 
@@ -315,11 +277,9 @@ def _validate_root_unchecked(f: h5py.File, path: str) -> dict[str, Any]:
                 f"{path!r}: dataset {name!r} has {ds.shape[0]} rows but n = {n} (corrupt file?)"
             )
 
-    if attrs["store_configs"]:
-        dataset("configs", (C, *shape))
-    for s in names:
-        dataset(f"scalars/{s}", (C,))
-    for name in ("chunks/end", "chunks/wall_time"):
+    for name in schema.row_datasets(store_configs=attrs["store_configs"], scalar_names=names):
+        dataset(name, (C, *shape) if name == "configs" else (C,))
+    for name in schema.CHUNK_DATASETS:
         dataset(name, None)
         if f[name].ndim != 1:
             raise bad(f"dataset {name!r} must be 1-D; got shape {f[name].shape}")
@@ -366,7 +326,7 @@ def _valid_slot(f: h5py.File, n: int) -> h5py.Group | None:
     state = f.get("state")
     if not isinstance(state, h5py.Group):
         return None
-    for name in _SLOTS:
+    for name in schema.SLOTS:
         g = state.get(name)
         if not isinstance(g, h5py.Group):
             continue
@@ -440,74 +400,134 @@ def _open_for_update(path: str, mode: str) -> tuple[durable.DurableFile, h5py.Fi
 def _rebuild(src: h5py.File, path: str, attrs: dict[str, Any]) -> None:
     """Copy the committed part of ``src`` (rows, chunks, state) into a new file over ``path``.
 
-    The copy is written as ``.<name>.tmp-<pid>``, made durable and renamed over ``path``; on
-    any failure ``path`` is unchanged.
+    The copy is published (:func:`flowmc.io.durable.publish`): written as ``.<name>.tmp-<pid>``,
+    made durable and renamed over ``path``; on any failure ``path`` is unchanged.
 
     Raises:
         OSError: if the copy cannot be written (e.g. the disk is still full).
     """
     n, k = int(attrs["n"]), int(attrs["_n_chunks"])
-    tmp = durable.temp_path(path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fio = durable.DurableFile(tmp, create=True)
     try:
-        dst = h5py.File(fio, "w", rdcc_nbytes=_CHUNK_CACHE_BYTES)
-        try:
-            dst.attrs.create("n", np.int64(n))
-            for key, value in src.attrs.items():
-                if key not in ("n", "writing"):
-                    dst.attrs[key] = value
-            dst.attrs["writing"] = np.int64(0)
-            names = (["configs"] if attrs["store_configs"] else []) + [
-                f"scalars/{s}" for s in attrs["scalar_names"]
-            ]
-            for name, rows in [(x, n) for x in names] + [("chunks/end", k),
-                                                         ("chunks/wall_time", k)]:
-                s = src[name]
-                d = dst.create_dataset(
-                    name, shape=(rows, *s.shape[1:]), maxshape=s.maxshape, dtype=s.dtype,
-                    chunks=s.chunks, compression=s.compression,
-                    compression_opts=s.compression_opts, shuffle=s.shuffle,
-                )
-                row_bytes = max(1, s.dtype.itemsize * math.prod(s.shape[1:]))
-                step = max(1, _CHUNK_CACHE_BYTES // 4 // row_bytes)
-                for a in range(0, rows, step):
-                    d[a : min(rows, a + step)] = s[a : min(rows, a + step)]
-                fio.check()
-            state = dst.create_group("state")
-            committed = _valid_slot(src, n)
-            for slot in _SLOTS:
-                g = state.create_group(slot)
-                if slot == _SLOTS[0] and committed is not None:
-                    for key, ds in committed.items():
-                        g.create_dataset(key, data=ds[()])
-                    for key in ("n", "seq", "attrs_json"):
-                        g.attrs[key] = committed.attrs[key]
-                else:
-                    g.attrs.create("n", np.int64(-1))
-                    g.attrs.create("seq", np.int64(-1))
-                    g.attrs["attrs_json"] = "{}"
-            dst.flush()
-            fio.check()
-        finally:
-            dst.close()
-        fio.sync()
+        with durable.publish(path) as staged:
+            fio = staged.open()
+            dst = h5py.File(fio, "w", rdcc_nbytes=_CHUNK_CACHE_BYTES)
+            try:
+                _copy_committed(src, dst, fio, attrs, n, k)
+            finally:
+                dst.close()
+    except OSError as exc:
+        raise _os_error(
+            f"Cannot resume {path!r}: it was not closed cleanly, and copying its committed "
+            f"part (n = {n} rows per chain) into a fresh file failed: "
+            f"{exc.strerror or exc}; the file is unchanged", exc.errno,
+        ) from None
+
+
+def _copy_committed(
+    src: h5py.File, dst: h5py.File, fio: durable.DurableFile, attrs: dict[str, Any], n: int,
+    k: int,
+) -> None:
+    """The first ``n`` rows, ``k`` chunk entries and the committed state slot of ``src``."""
+    schema.write_root(dst.attrs, {
+        "n": np.int64(n),
+        **{key: value for key, value in src.attrs.items() if key not in ("n", "writing")},
+        "writing": np.int64(0),
+    })  # fmt: skip
+    rows_of = dict.fromkeys(schema.row_datasets(store_configs=attrs["store_configs"],
+                                                scalar_names=attrs["scalar_names"]), n)
+    rows_of.update(dict.fromkeys(schema.CHUNK_DATASETS, k))
+    for name, rows in rows_of.items():
+        s = src[name]
+        d = dst.create_dataset(
+            name, shape=(rows, *s.shape[1:]), maxshape=s.maxshape, dtype=s.dtype,
+            chunks=s.chunks, compression=s.compression,
+            compression_opts=s.compression_opts, shuffle=s.shuffle,
+        )
+        row_bytes = max(1, s.dtype.itemsize * math.prod(s.shape[1:]))
+        step = max(1, _CHUNK_CACHE_BYTES // 4 // row_bytes)
+        for a in range(0, rows, step):
+            d[a : min(rows, a + step)] = s[a : min(rows, a + step)]
         fio.check()
-        fio.close()
-        os.replace(tmp, path)
-        durable.fsync_dir(path)
-    except BaseException as exc:
-        fio.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise _os_error(
-                f"Cannot resume {path!r}: it was not closed cleanly, and copying its committed "
-                f"part (n = {n} rows per chain) into a fresh file failed: "
-                f"{exc.strerror or exc}; the file is unchanged", exc.errno,
-            ) from None
-        raise
+    state = dst.create_group("state")
+    committed = _valid_slot(src, n)
+    for slot in schema.SLOTS:
+        g = state.create_group(slot)
+        if slot == schema.SLOTS[0] and committed is not None:
+            for key, ds in committed.items():
+                g.create_dataset(key, data=ds[()])
+            for key in ("n", "seq", "attrs_json"):
+                g.attrs[key] = committed.attrs[key]
+        else:
+            schema.empty_slot(g)
+    dst.flush()
+    fio.check()
+
+
+def _check_layout_args(
+    lattice_shape: Sequence[int],
+    n_chains: int,
+    scalar_names: Sequence[str],
+    config_dtype: str,
+    compression: str | None,
+    chunk_size: int,
+) -> tuple[tuple[int, ...], int, tuple[str, ...]]:
+    """The layout arguments of :meth:`EnsembleWriter.create`, checked: ``(L, C, names)``."""
+    shape = tuple(int(s) for s in lattice_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(
+            f"Expected lattice_shape of positive extents; got {tuple(lattice_shape)}"
+        )
+    if int(n_chains) != n_chains or n_chains < 1:
+        raise ValueError(f"Expected n_chains >= 1; got {n_chains!r}")
+    if isinstance(scalar_names, str):
+        raise ValueError(
+            f"Expected scalar_names to be a sequence of names; got {scalar_names!r}"
+        )
+    names = tuple(_check_name("scalar", s) for s in scalar_names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"Expected unique scalar_names; got {names}")
+    if config_dtype not in schema.CONFIG_DTYPES:
+        raise ValueError(f"Expected config_dtype in {schema.CONFIG_DTYPES}; got {config_dtype!r}")
+    if compression not in schema.COMPRESSIONS:
+        raise ValueError(f"Expected compression in {schema.COMPRESSIONS}; got {compression!r}")
+    if int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"Expected chunk_size >= 1; got {chunk_size!r}")
+    return shape, int(n_chains), names
+
+
+def _check_provenance_args(
+    action: Mapping[str, Any],
+    sampler: Mapping[str, Any],
+    model_sha256: str,
+    seed: int | None,
+    meta: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The provenance arguments of :meth:`EnsembleWriter.create`, checked; JSON as text."""
+    if not isinstance(action, Mapping) or not isinstance(sampler, Mapping):
+        raise ValueError("Expected action and sampler to be dicts")
+    if not isinstance(model_sha256, str) or (
+        model_sha256
+        and (len(model_sha256) != 64 or set(model_sha256) - set("0123456789abcdef"))
+    ):
+        raise ValueError(
+            f"Expected model_sha256 to be '' or 64 lowercase hex digits; got {model_sha256!r}"
+        )
+    if seed is not None and (int(seed) != seed or not 0 <= int(seed) < 2**63):
+        raise ValueError(f"Expected seed to be None or an integer in [0, 2**63); got {seed!r}")
+    return {
+        "action": json_dumps("action", dict(action)),
+        "sampler": json_dumps("sampler", dict(sampler)),
+        "model_sha256": model_sha256,
+        "seed": seed,
+        "meta": json_dumps("meta", dict(meta or {})),
+    }
+
+
+def _command_line(command_line: str | None) -> str:
+    """The recorded command line (default ``sys.argv``), cut to fit an attribute."""
+    if command_line is None:
+        command_line = " ".join(shlex.quote(a) for a in sys.argv)
+    return str(command_line)[: schema.MAX_ATTR_BYTES // 4]
 
 
 #: Per path, the committed ``n`` and whether the file got its final name, of the last writer
@@ -561,13 +581,14 @@ class EnsembleWriter:
         attrs: dict[str, Any],
         *,
         lock: durable.NameLock,
-        tmp: str | None = None,
+        staged: durable.Staged | None = None,
         force: bool = False,
     ) -> None:
         self._f: h5py.File | None = f
         self._io = fio
         self._lock = lock
-        self._tmp = tmp  # temporary name until the first commit; None once published
+        self._staged = staged  # a new file: published (renamed) at its first commit
+        self._tmp = None if staged is None else staged.temp  # None once published
         self._force = force
         self._commit_written = False  # within a transaction: the commit record was written
         self._keep_tmp = False  # publishing failed: keep the temporary file (it has a commit)
@@ -579,12 +600,10 @@ class EnsembleWriter:
         self.n_chains = int(attrs["n_chains"])
         self.scalar_names: tuple[str, ...] = tuple(attrs["scalar_names"])
         self.store_configs = bool(attrs["store_configs"])
-        names = (["configs"] if self.store_configs else []) + [
-            f"scalars/{s}" for s in self.scalar_names
-        ] + ["chunks/end", "chunks/wall_time"]
+        names = schema.datasets(store_configs=self.store_configs, scalar_names=self.scalar_names)
         self._ds: dict[str, h5py.Dataset] = {name: f[name] for name in names}  # kept open
         self._seq = 0
-        for name in _SLOTS:
+        for name in schema.SLOTS:
             g = f.get(f"state/{name}")
             if g is not None:
                 self._seq = max(self._seq, int(g.attrs.get("seq", -1)) + 1)
@@ -654,125 +673,45 @@ class EnsembleWriter:
         """
         _require_h5py()
         path = os.fspath(path)
-        shape = tuple(int(s) for s in lattice_shape)
-        if not shape or any(s < 1 for s in shape):
-            raise ValueError(
-                f"Expected lattice_shape of positive extents; got {tuple(lattice_shape)}"
-            )
-        if int(n_chains) != n_chains or n_chains < 1:
-            raise ValueError(f"Expected n_chains >= 1; got {n_chains!r}")
-        n_chains = int(n_chains)
-        if isinstance(scalar_names, str):
-            raise ValueError(
-                f"Expected scalar_names to be a sequence of names; got {scalar_names!r}"
-            )
-        names = tuple(_check_name("scalar", s) for s in scalar_names)
-        if len(set(names)) != len(names):
-            raise ValueError(f"Expected unique scalar_names; got {names}")
-        if config_dtype not in _CONFIG_DTYPES:
-            raise ValueError(f"Expected config_dtype in {_CONFIG_DTYPES}; got {config_dtype!r}")
-        if compression not in _COMPRESSIONS:
-            raise ValueError(f"Expected compression in {_COMPRESSIONS}; got {compression!r}")
-        if int(chunk_size) != chunk_size or chunk_size < 1:
-            raise ValueError(f"Expected chunk_size >= 1; got {chunk_size!r}")
-        if not isinstance(action, Mapping) or not isinstance(sampler, Mapping):
-            raise ValueError("Expected action and sampler to be dicts")
-        if not isinstance(model_sha256, str) or (
-            model_sha256
-            and (len(model_sha256) != 64 or set(model_sha256) - set("0123456789abcdef"))
-        ):
-            raise ValueError(
-                f"Expected model_sha256 to be '' or 64 lowercase hex digits; got {model_sha256!r}"
-            )
-        if seed is not None and (int(seed) != seed or not 0 <= int(seed) < 2**63):
-            raise ValueError(f"Expected seed to be None or an integer in [0, 2**63); got {seed!r}")
-        action_json = json_dumps("action", dict(action))
-        sampler_json = json_dumps("sampler", dict(sampler))
-        meta_json = json_dumps("meta", dict(meta or {}))
-        if command_line is None:
-            command_line = " ".join(shlex.quote(a) for a in sys.argv)
-        command_line = str(command_line)[: _MAX_ATTR_BYTES // 4]
+        shape, n_chains, names = _check_layout_args(
+            lattice_shape, n_chains, scalar_names, config_dtype, compression, chunk_size
+        )
+        provenance = _check_provenance_args(action, sampler, model_sha256, seed, meta)
+        root = schema.root_attrs(
+            n=0, lattice_shape=shape, n_chains=n_chains, scalar_names=names,
+            store_configs=store_configs, **provenance,
+            config_dtype=config_dtype, compression=compression or "",
+            flowmc_version=flowmc_version(),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            command_line=_command_line(command_line),
+            writing=1,  # 0 only after a clean close (see resume)
+        )  # fmt: skip
         lock = durable.NameLock(path).acquire()  # a running writer of path: fail here
-        tmp = durable.temp_path(path)
-        fio = f = None
+        staged = f = None
         try:
             check_output(path, force=force, lock_held=True)  # again when renamed
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)  # left by a killed run with our pid (it held no commit)
-            fio = durable.DurableFile(tmp, create=True)
+            staged = durable.Staged(path)  # removes a temporary file left by a killed run
+            fio = staged.open()
             f = h5py.File(fio, "w", rdcc_nbytes=_CHUNK_CACHE_BYTES)
-            a = f.attrs
-            # 'n' first so that it sits early in the root object header.
-            a.create("n", np.int64(0))
-            a["format"] = FORMAT
-            a["schema_version"] = np.int64(SCHEMA_VERSION)
-            a["flowmc_version"] = flowmc_version()
-            a["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            a["command_line"] = command_line
-            a["lattice_shape"] = np.asarray(shape, dtype=np.int64)
-            a["n_chains"] = np.int64(n_chains)
-            a["action"] = action_json
-            a["sampler"] = sampler_json
-            a["model_sha256"] = model_sha256
-            a["seed"] = np.int64(-1 if seed is None else int(seed))
-            a["meta"] = meta_json
-            a["scalar_names"] = json.dumps(list(names))
-            a["store_configs"] = np.bool_(store_configs)
-            a["config_dtype"] = config_dtype
-            a["compression"] = compression or ""
-            a["writing"] = np.int64(1)  # 0 only after a clean close (see resume)
-
-            rows = int(chunk_size)
-            if store_configs:
-                row_bytes = n_chains * math.prod(shape) * np.dtype(config_dtype).itemsize
-                # A compressed chunk that is rewritten moves on disk, and a kill while that is
-                # flushed can destroy rows it already held. One row per chunk means committed
-                # compressed chunks are never rewritten. Uncompressed chunks are rewritten in
-                # place with identical bytes for committed rows, which is safe.
-                crow = 1 if compression else max(1, min(rows, _MAX_CHUNK_BYTES // row_bytes))
-                f.create_dataset(
-                    "configs",
-                    shape=(0, n_chains, *shape),
-                    maxshape=(None, n_chains, *shape),
-                    dtype=config_dtype,
-                    chunks=(crow, n_chains, *shape),
-                    compression=compression,
-                    shuffle=compression is not None,
-                )
-            g = f.create_group("scalars")
-            for s in names:
-                g.create_dataset(
-                    s,
-                    shape=(0, n_chains),
-                    maxshape=(None, n_chains),
-                    dtype=np.bool_ if s in BOOL_SCALARS else np.float64,
-                    chunks=(rows, n_chains),
-                )
-            c = f.create_group("chunks")
-            c.create_dataset(
-                "wall_time", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(256,)
-            )
-            c.create_dataset("end", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,))
-            st = f.create_group("state")
-            for slot in _SLOTS:
-                sg = st.create_group(slot)
-                sg.attrs.create("n", np.int64(-1))
-                sg.attrs.create("seq", np.int64(-1))
-                sg.attrs["attrs_json"] = "{}"
+            schema.write_root(f.attrs, root)
+            schema.create_layout(
+                f, lattice_shape=shape, n_chains=n_chains, scalar_names=names,
+                store_configs=store_configs, config_dtype=config_dtype, compression=compression,
+                chunk_size=chunk_size,
+            )  # fmt: skip
             f.flush()
             fio.check()
             attrs = _validate_root(f, path)
-            return cls(f, fio, path, attrs, lock=lock, tmp=tmp, force=force)
+            return cls(f, fio, path, attrs, lock=lock, staged=staged, force=force)
         except BaseException as exc:
             if f is not None:
                 with contextlib.suppress(Exception):
                     f.close()
-            if fio is not None:
-                fio.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+            failed = staged is not None and staged.file is not None and staged.file.error
+            if staged is not None:
+                staged.discard()
             lock.release()
-            if isinstance(exc, OSError) and fio is not None and fio.error is not None:
+            if isinstance(exc, OSError) and failed:
                 raise _os_error(
                     f"Cannot create ensemble {path!r}: {exc.strerror or exc}; nothing was "
                     "written", exc.errno
@@ -835,7 +774,7 @@ class EnsembleWriter:
                     stored = stored or None
                     ok = stored == (given or None)
                 else:
-                    ok = _json_normalise(stored) == _json_normalise(given)
+                    ok = schema.json_normalise(stored) == schema.json_normalise(given)
                 if not ok:
                     raise ValueError(
                         f"Cannot resume {path!r}: {key} mismatch: "
@@ -988,17 +927,12 @@ class EnsembleWriter:
     def _truncate(self) -> None:
         """Cut every dataset back to the committed ``n`` rows (and committed chunks)."""
         with self._writing():
-            n = self._n
-            names = (["configs"] if self.store_configs else []) + [
-                f"scalars/{s}" for s in self.scalar_names
-            ]
-            for name in names:
+            rows = dict.fromkeys(schema.row_datasets(store_configs=self.store_configs,
+                                                     scalar_names=self.scalar_names), self._n)
+            rows.update(dict.fromkeys(schema.CHUNK_DATASETS, self._k))
+            for name, n in rows.items():
                 if self._ds[name].shape[0] != n:
                     self._ds[name].resize(n, axis=0)
-            k = self._k
-            for name in ("chunks/end", "chunks/wall_time"):
-                if self._ds[name].shape[0] != k:
-                    self._ds[name].resize(k, axis=0)
             self._sync()
 
     # ---------------------------------------------------------------- writing
@@ -1034,6 +968,44 @@ class EnsembleWriter:
             RuntimeError: if the writer is closed or poisoned.
         """
         self._writable()
+        arrays, cfg, k = self._check_rows(scalars, configs)
+        wall_time = float(wall_time)
+        if not math.isfinite(wall_time) or wall_time < 0:
+            raise ValueError(f"Expected a finite wall_time >= 0; got {wall_time}")
+        state_arrays, attrs_json = self._check_state(state, state_attrs)
+
+        n_old, n_new = self._n, self._n + k
+        with self._writing(n_new, self._commit_bytes(k, state_arrays)) as f:
+            # 1. rows (datasets may be longer than n after a failed append: resize, overwrite)
+            if cfg is not None:
+                ds = self._ds["configs"]
+                ds.resize(n_new, axis=0)
+                ds[n_old:n_new] = cfg.astype(ds.dtype, copy=False)
+            for name, x in arrays.items():
+                ds = self._ds[f"scalars/{name}"]
+                ds.resize(n_new, axis=0)
+                ds[n_old:n_new] = x
+            self._io.check()
+            # 2. chunk timing
+            end, wt = self._ds["chunks/end"], self._ds["chunks/wall_time"]
+            nk = self._k
+            for ds, value in ((end, n_new), (wt, wall_time)):
+                ds.resize(nk + 1, axis=0)
+                ds[nk] = value
+            # 3. state, into the slot that is not the committed one; valid only once n == n_new
+            self._write_state(state_arrays, attrs_json, n_new)
+            self._sync()
+            # 4. commit
+            self._commit_written = True
+            f.attrs.modify("n", np.int64(n_new))
+            self._sync()
+            self._n, self._k = n_new, nk + 1
+            self._publish()
+
+    def _check_rows(
+        self, scalars: Mapping[str, Any], configs: Any | None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray | None, int]:
+        """The rows of an :meth:`append`, checked and converted: ``(scalars, configs, k)``."""
         C, L = self.n_chains, self.lattice_shape
         given = set(scalars)
         if given != set(self.scalar_names):
@@ -1073,38 +1045,7 @@ class EnsembleWriter:
             cfg = _to_numpy(configs)
             if cfg.shape != (k, C, *L):
                 raise ValueError(f"Expected configs of shape {(k, C, *L)}; got {cfg.shape}")
-        wall_time = float(wall_time)
-        if not math.isfinite(wall_time) or wall_time < 0:
-            raise ValueError(f"Expected a finite wall_time >= 0; got {wall_time}")
-        state_arrays, attrs_json = self._check_state(state, state_attrs)
-
-        n_old, n_new = self._n, self._n + k
-        with self._writing(n_new, self._commit_bytes(k, state_arrays)) as f:
-            # 1. rows (datasets may be longer than n after a failed append: resize, overwrite)
-            if cfg is not None:
-                ds = self._ds["configs"]
-                ds.resize(n_new, axis=0)
-                ds[n_old:n_new] = cfg.astype(ds.dtype, copy=False)
-            for name, x in arrays.items():
-                ds = self._ds[f"scalars/{name}"]
-                ds.resize(n_new, axis=0)
-                ds[n_old:n_new] = x
-            self._io.check()
-            # 2. chunk timing
-            end, wt = self._ds["chunks/end"], self._ds["chunks/wall_time"]
-            nk = self._k
-            for ds, value in ((end, n_new), (wt, wall_time)):
-                ds.resize(nk + 1, axis=0)
-                ds[nk] = value
-            # 3. state, into the slot that is not the committed one; valid only once n == n_new
-            self._write_state(state_arrays, attrs_json, n_new)
-            self._sync()
-            # 4. commit
-            self._commit_written = True
-            f.attrs.modify("n", np.int64(n_new))
-            self._sync()
-            self._n, self._k = n_new, nk + 1
-            self._publish()
+        return arrays, cfg, k
 
     def save_state(self, state: Mapping[str, Any], attrs: Mapping[str, Any] | None = None) -> None:
         """Replace the sampler state without adding rows (e.g. after thermalisation).
@@ -1130,9 +1071,12 @@ class EnsembleWriter:
         """At the first commit: rename the temporary file to its final name, durably."""
         if self._tmp is None:
             return
-        try:
-            check_output(self.path, force=self._force, lock_held=True)  # (non-flowmc)
-            os.replace(self._tmp, self.path)  # atomic; replaces an old ensemble under --force
+
+        def still_replaceable(temp: str) -> None:  # (a non-flowmc file may have appeared)
+            check_output(self.path, force=self._force, lock_held=True)
+
+        try:  # atomic; replaces an old ensemble under --force
+            self._staged.replace(verify=still_replaceable)
         except OSError as e:
             self._keep_tmp = True
             raise _os_error(
@@ -1162,7 +1106,8 @@ class EnsembleWriter:
         """Write ``arrays`` into the non-committed slot; mark it for ``n`` (or invalid if None)."""
         f = self._file()
         current = _valid_slot(f, self._n)
-        name = _SLOTS[0] if current is None or current.name.endswith(_SLOTS[1]) else _SLOTS[1]
+        slots = schema.SLOTS
+        name = slots[0] if current is None or current.name.endswith(slots[1]) else slots[1]
         g = f[f"state/{name}"]
         g.attrs.modify("n", np.int64(-1))
         g.attrs.modify("seq", np.int64(-1))
@@ -1418,10 +1363,8 @@ def check_join(f: h5py.File, path: str, attrs: dict[str, Any]) -> None:
         total += sa["n_chains"]
     if total != C:
         raise bad(f"its shards hold {total} chains, but n_chains = {C}")
-    names = (["configs"] if attrs["store_configs"] else []) + [
-        f"scalars/{s}" for s in attrs["scalar_names"]
-    ]
-    for name in names:
+    for name in schema.row_datasets(store_configs=attrs["store_configs"],
+                                    scalar_names=attrs["scalar_names"]):
         ds = f[name]
         got = [(m.file_name, m.dset_name.lstrip("/")) for m in ds.virtual_sources()] if (
             ds.is_virtual) else []  # fmt: skip

@@ -30,7 +30,6 @@ The join (root attribute ``shards``, see ``docs/ensemble-format.md``):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from datetime import datetime, timezone
@@ -39,14 +38,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from flowmc.io import durable, safeio
-from flowmc.io.ensemble import (
-    BOOL_SCALARS,
-    FORMAT,
-    SCHEMA_VERSION,
-    json_dumps,
-    open_ensemble,
-)
+from flowmc.io import durable, safeio, schema
+from flowmc.io.ensemble import open_ensemble
 
 __all__ = [
     "identify_join",
@@ -173,9 +166,8 @@ def _read_shards(out: Path, W: int) -> list[dict]:
             )
         with open_ensemble(p) as ens:
             f = ens._file()
-            names = (["configs"] if ens.has_configs else []) + [
-                f"scalars/{s}" for s in ens.scalar_names
-            ]
+            names = schema.row_datasets(store_configs=ens.has_configs,
+                                        scalar_names=ens.scalar_names)
             shards.append({
                 "path": p, "attrs": dict(ens.attrs), "n": ens.n, "chains": ens.n_chains,
                 "ends": np.asarray(ens.chunk_ends), "walls": np.asarray(ens.chunk_wall_times),
@@ -256,48 +248,28 @@ def _write_join(out: Path, sdir: Path, W: int, force: bool) -> dict:
         meta["warmup"] = {**meta["warmup"], "seconds": max(warm), "seconds_by_rank": warm}
     sampler = {**a0["sampler"], "chains": C}
 
-    tmp = durable.temp_path(str(out))
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fio = durable.DurableFile(tmp, create=True)
-    try:
+    root = schema.root_attrs(
+        n=n, lattice_shape=shape, n_chains=C, action=a0["action"], sampler=sampler, meta=meta,
+        scalar_names=a0["scalar_names"], store_configs=a0["store_configs"], seed=a0.get("seed"),
+        writing=0, shards=record,
+        **{key: a0.get(key) for key in ("flowmc_version", "created", "command_line",
+                                        "model_sha256", "config_dtype", "compression")},
+    )  # fmt: skip
+
+    def replaceable(temp: str) -> None:
+        with open_ensemble(temp):  # the written join passes the checks of every reader
+            pass
+        durable.check_replaceable(
+            str(out), force=True, what="join of a sharded ensemble", lock_held=True,
+            identify=_identify_ensemble_any if force else identify_join,
+        )  # fmt: skip
+
+    with durable.publish(out, verify=replaceable) as staged:
+        fio = staged.open()
         f = h5py.File(fio, "w")
         try:
-            at = f.attrs
-            at.create("n", np.int64(n))
-            at["format"] = FORMAT
-            at["schema_version"] = np.int64(SCHEMA_VERSION)
-            for key in ("flowmc_version", "created", "command_line", "model_sha256",
-                        "config_dtype", "compression"):  # fmt: skip
-                if key in a0:
-                    at[key] = a0[key]
-            at["lattice_shape"] = np.asarray(shape, dtype=np.int64)
-            at["n_chains"] = np.int64(C)
-            at["action"] = json_dumps("action", a0["action"])
-            at["sampler"] = json_dumps("sampler", sampler)
-            at["seed"] = np.int64(-1 if a0.get("seed") is None else a0["seed"])
-            at["meta"] = json_dumps("meta", meta)
-            at["scalar_names"] = json_dumps("scalar_names", list(a0["scalar_names"]))
-            at["store_configs"] = np.bool_(a0["store_configs"])
-            at["writing"] = np.int64(0)
-            at["shards"] = json_dumps("shards", record)
-            names = (["configs"] if a0["store_configs"] else []) + [
-                f"scalars/{s}" for s in a0["scalar_names"]
-            ]
-            for name in names:
-                tail = (*shape,) if name == "configs" else ()
-                if name == "configs":
-                    dtype, fill = np.dtype(a0.get("config_dtype", "float32")), np.nan
-                elif name.split("/")[1] in BOOL_SCALARS:
-                    dtype, fill = np.dtype(np.bool_), False
-                else:
-                    dtype, fill = np.dtype(np.float64), np.nan
-                layout = h5py.VirtualLayout(shape=(n, C, *tail), dtype=dtype)
-                for s, fe in zip(shards, files):
-                    src = h5py.VirtualSource(fe["path"], name, shape=s["shapes"][name])
-                    c0 = fe["first_chain"] - files[0]["first_chain"]
-                    layout[:, c0 : c0 + fe["chains"]] = src[:n]
-                f.create_virtual_dataset(name, layout, fillvalue=fill)
+            schema.write_root(f.attrs, root)
+            _write_virtual(f, shards, files, a0, n, C, shape)
             c = f.create_group("chunks")
             c.create_dataset("end", data=np.asarray(points, np.int64), maxshape=(None,),
                              chunks=(256,))  # fmt: skip
@@ -307,23 +279,30 @@ def _write_join(out: Path, sdir: Path, W: int, force: bool) -> dict:
             fio.check()
         finally:
             f.close()
-        fio.sync()
-        fio.check()
-        fio.close()
-        with open_ensemble(tmp):  # the written join passes the checks of every reader
-            pass
-        durable.check_replaceable(
-            str(out), force=True, what="join of a sharded ensemble", lock_held=True,
-            identify=_identify_ensemble_any if force else identify_join,
-        )  # fmt: skip
-        os.replace(tmp, out)
-    except BaseException:
-        fio.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    durable.fsync_dir(str(out))
     return record
+
+
+def _write_virtual(
+    f: h5py.File, shards: list[dict], files: list[dict], a0: dict, n: int, C: int,
+    shape: tuple[int, ...],
+) -> None:
+    """The join's ``configs`` and ``scalars/*``: virtual datasets of the shards' first ``n`` rows,
+    the chains of rank ``r`` at columns ``first_chain_r - first_chain_0`` onwards."""
+    for name in schema.row_datasets(store_configs=a0["store_configs"],
+                                    scalar_names=a0["scalar_names"]):  # fmt: skip
+        if name == "configs":
+            tail = (*shape,)
+            dtype, fill = np.dtype(a0.get("config_dtype", "float32")), np.nan
+        else:
+            tail = ()
+            dtype = schema.scalar_dtype(name.split("/")[1])
+            fill = False if dtype == np.bool_ else np.nan
+        layout = h5py.VirtualLayout(shape=(n, C, *tail), dtype=dtype)
+        for s, fe in zip(shards, files):
+            src = h5py.VirtualSource(fe["path"], name, shape=s["shapes"][name])
+            c0 = fe["first_chain"] - files[0]["first_chain"]
+            layout[:, c0 : c0 + fe["chains"]] = src[:n]
+        f.create_virtual_dataset(name, layout, fillvalue=fill)
 
 
 def _identify_ensemble_any(path: str) -> str | None:

@@ -19,7 +19,8 @@ an existing path is *without trusting it*:
 
 :func:`write_atomic` checks the destination (:func:`check_output`), writes a temporary file in
 the same directory, fsyncs it, checks again, renames it over the destination and fsyncs the
-directory: a reader sees either the old or the new report, never a torn one. Every refusal is
+directory (:func:`flowmc.io.durable.publish`): a reader sees either the old or the new report,
+never a torn one. Every refusal is
 one line naming the path and what it is (a :class:`FileExistsError` or :class:`ValueError`).
 """
 
@@ -36,6 +37,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+from flowmc.io import durable
 from flowmc.io.formats import CHECKPOINT_FORMAT, ENSEMBLE_FORMAT
 
 __all__ = [
@@ -326,10 +328,11 @@ def write_atomic(
 ) -> Path:
     """Write a report atomically after :func:`check_output`.
 
-    The content goes to a temporary file ``.<name>.tmp-<pid>`` in the destination's directory
-    (created if needed), is fsynced, the destination is checked again, and the temporary file
-    is renamed over it (the directory is fsynced too). On any failure the temporary file is
-    removed and the destination is untouched.
+    Published through :func:`flowmc.io.durable.publish`: the content goes to a temporary file
+    ``.<name>.tmp-<pid>`` in the destination's directory (created if needed), is fsynced, the
+    destination is checked again, and the temporary file is renamed over it (the directory is
+    fsynced too, best effort). On any failure the temporary file is removed and the destination
+    is untouched.
 
     Args:
         path: the destination.
@@ -342,30 +345,13 @@ def write_atomic(
     inputs = list(inputs)
     dest = check_output(path, fmt=fmt, kind=kind, inputs=inputs)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
+
+    def still_allowed(temp: str) -> None:  # nothing appeared at dest meanwhile
+        check_output(dest, fmt=fmt, kind=kind, inputs=inputs)
+
+    with durable.publish(dest, verify=still_allowed, best_effort_dir_sync=True) as staged:
         if isinstance(write, (bytes, bytearray)):
-            tmp.write_bytes(bytes(write))
+            staged.open().write(bytes(write))
         else:
-            write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        check_output(dest, fmt=fmt, kind=kind, inputs=inputs)  # nothing appeared meanwhile
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(dest.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return dest
-    try:
-        os.fsync(dfd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(dfd)
+            write(Path(staged.temp))
     return dest

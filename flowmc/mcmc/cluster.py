@@ -104,6 +104,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowmc._checks import check_int, check_positive
 from flowmc.lattice.action import Phi4Action, check_field
 from flowmc.mcmc.kernel import RNG, SamplingAlgorithm
 from flowmc.mcmc.rng import draw_uniform
@@ -367,22 +368,6 @@ def _check_phi(phi: Tensor, action: Phi4Action, name: str = "phi") -> None:
         raise ValueError(f"Expected finite values in {name}; got NaN or inf")
 
 
-def _check_positive(name: str, value: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"Expected a finite {name} > 0; got {value!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"Expected a finite {name} > 0; got {value!r}")
-    return v
-
-
-def _check_count(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"Expected an integer {name} >= {minimum}; got {value!r}")
-    return int(value)
-
-
 # --------------------------------------------------------------------------------------------
 # kernel
 
@@ -458,9 +443,9 @@ def _build_kernel(
     use a wrong one; 4 is exact)."""
     require_numba()
     action = _check_action(action)
-    delta = _check_positive("step_size", step_size)
-    num_hits = _check_count("num_hits", num_hits, 0)
-    num_clusters = _check_count("num_clusters", num_clusters, 0)
+    delta = check_positive("step_size", step_size)
+    num_hits = check_int("num_hits", num_hits, 0)
+    num_clusters = check_int("num_clusters", num_clusters, 0)
     bond_factor = float(bond_factor)
     shape = action.lattice_shape
     vol, d = action.volume, action.dim
@@ -587,9 +572,9 @@ def tune_step_size(
     target_accept = float(target_accept)
     if not 0.0 < target_accept < 1.0:
         raise ValueError(f"Expected target_accept in (0, 1); got {target_accept}")
-    num_warmup = _check_count("num_warmup", num_warmup, 2)
-    num_hits = _check_count("num_hits", num_hits, 1)
-    log_delta = math.log(_check_positive("initial_step_size", initial_step_size))
+    num_warmup = check_int("num_warmup", num_warmup, 2)
+    num_hits = check_int("num_hits", num_hits, 1)
+    log_delta = math.log(check_positive("initial_step_size", initial_step_size))
     mean = chain_mean or _local_mean
     history: dict[str, list[float]] = {"step_size": [], "acceptance_rate": []}
     for m in range(1, num_warmup + 1):

@@ -46,6 +46,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from flowmc._checks import check_int, check_positive_float
 from flowmc.mcmc.kernel import RNG, SamplingAlgorithm, unchanged_chains
 from flowmc.mcmc.rng import draw_normal, draw_uniform
 
@@ -65,6 +66,7 @@ __all__ = [
     "find_reasonable_step_size",
     "tune_step_size",
     "local_mean",
+    "check_integrator",
 ]
 
 #: Minimum-norm parameter of the second-order Omelyan integrator (Omelyan et al. 2003, eq. 20).
@@ -115,23 +117,8 @@ class HMCInfo(NamedTuple):
 # validation helpers
 
 
-def _check_step_size(step_size: float, name: str = "step_size") -> float:
-    try:
-        value = float(step_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"Expected a positive float for {name}; got {step_size!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"Expected {name} > 0 and finite; got {step_size}")
-    return value
-
-
-def _check_num_steps(num_steps: int, name: str = "num_steps") -> int:
-    if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"Expected an integer {name} >= 1; got {num_steps!r}")
-    return int(num_steps)
-
-
-def _check_integrator(integrator: str) -> str:
+def check_integrator(integrator: str) -> str:
+    """``integrator`` if it is ``"leapfrog"`` or ``"omelyan"``, else ``ValueError``."""
     if integrator not in _INTEGRATORS:
         raise ValueError(f"Expected integrator in {_INTEGRATORS}; got {integrator!r}")
     return integrator
@@ -253,8 +240,8 @@ def leapfrog(
         Duane, Kennedy, Pendleton, Roweth, Phys. Lett. B 195 (1987) 216.
     """
     _check_pair(phi, pi)
-    step_size = _check_step_size(step_size)
-    num_steps = _check_num_steps(num_steps)
+    step_size = check_positive_float("step_size", step_size)
+    num_steps = check_int("num_steps", num_steps, 1, strict=False)
     grad = _grad(action, phi) if grad is None else grad
     phi, pi, _ = _leapfrog(phi, pi, grad, action, step_size, num_steps)
     return phi, pi
@@ -302,8 +289,8 @@ def omelyan(
         Omelyan, Mryglod, Folk, Comput. Phys. Commun. 151 (2003) 272, eq. (20) and (31).
     """
     _check_pair(phi, pi)
-    step_size = _check_step_size(step_size)
-    num_steps = _check_num_steps(num_steps)
+    step_size = check_positive_float("step_size", step_size)
+    num_steps = check_int("num_steps", num_steps, 1, strict=False)
     grad = _grad(action, phi) if grad is None else grad
     phi, pi, _ = _omelyan(phi, pi, grad, action, step_size, num_steps)
     return phi, pi
@@ -431,9 +418,9 @@ def build_kernel(
     Raises:
         ValueError: for ``step_size <= 0``, ``num_steps < 1`` or an unknown ``integrator``.
     """
-    step_size = _check_step_size(step_size)
-    num_steps = _check_num_steps(num_steps)
-    integrate = _INTEGRATOR_FNS[_check_integrator(integrator)]
+    step_size = check_positive_float("step_size", step_size)
+    num_steps = check_int("num_steps", num_steps, 1, strict=False)
+    integrate = _INTEGRATOR_FNS[check_integrator(integrator)]
     flip = bool(flip)
 
     def step(state: HMCState, generator: RNG) -> tuple[HMCState, HMCInfo]:
@@ -582,8 +569,8 @@ def find_reasonable_step_size(
     References:
         Hoffman, Gelman, JMLR 15 (2014) 1593, algorithm 4.
     """
-    eps = _check_step_size(initial_step_size, "initial_step_size")
-    _check_integrator(integrator)
+    eps = check_positive_float("initial_step_size", initial_step_size)
+    check_integrator(integrator)
     mean = chain_mean or local_mean
     acc = _mean_acceptance(state, action, integrator, eps, 1, generator, mean)
     direction = 1.0 if acc > 0.5 else -1.0
@@ -668,20 +655,20 @@ def tune_step_size(
     References:
         Hoffman, Gelman, JMLR 15 (2014) 1593, section 3.2 and algorithm 5.
     """
-    traj_length = _check_step_size(traj_length, "traj_length")
+    traj_length = check_positive_float("traj_length", traj_length)
     target_accept = float(target_accept)
     if not 0.0 < target_accept < 1.0:
         raise ValueError(f"Expected target_accept in (0, 1); got {target_accept}")
-    num_warmup = _check_num_steps(num_warmup, "num_warmup")
-    max_num_steps = _check_num_steps(max_num_steps, "max_num_steps")
-    _check_integrator(integrator)
+    num_warmup = check_int("num_warmup", num_warmup, 1, strict=False)
+    max_num_steps = check_int("max_num_steps", max_num_steps, 1, strict=False)
+    check_integrator(integrator)
     if initial_step_size is None:
         eps = find_reasonable_step_size(
             action, state, generator, integrator=integrator,
             initial_step_size=min(0.1, traj_length), chain_mean=chain_mean,
         )
     else:
-        eps = _check_step_size(initial_step_size, "initial_step_size")
+        eps = check_positive_float("initial_step_size", initial_step_size)
 
     mu = math.log(10.0 * eps)
     h_bar, log_eps, log_eps_bar = 0.0, math.log(eps), 0.0

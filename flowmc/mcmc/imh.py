@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from flowmc._checks import check_int
 from flowmc.mcmc.kernel import RNG, SamplingAlgorithm, unchanged_chains
 from flowmc.mcmc.rng import draw_normal, draw_uniform
 
@@ -313,9 +314,7 @@ def build_kernel(
     Raises:
         ValueError: for ``num_steps < 1``.
     """
-    if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"Expected an integer num_steps >= 1; got {num_steps!r}")
-    k = int(num_steps)
+    k = check_int("num_steps", num_steps, 1, strict=False)
 
     @torch.no_grad()
     def step(state: IMHState, rng: RNG) -> tuple[IMHState, IMHInfo]:

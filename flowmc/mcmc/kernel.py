@@ -46,6 +46,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from flowmc._checks import is_int
 from flowmc.mcmc.rng import ChainRNG
 
 __all__ = [
@@ -143,7 +144,7 @@ def check_repeats(kernels: Sequence[SamplingAlgorithm], repeats: Sequence[int]) 
         )
     out = []
     for r in repeats:
-        if isinstance(r, bool) or int(r) != r or r < 1:
+        if not is_int(r, minimum=1, strict=False):
             raise ValueError(f"Expected integer repeat counts >= 1; got {list(repeats)}")
         out.append(int(r))
     return out

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowmc._checks import check_int, is_int
+
 __all__ = ["RNG_SCHEME", "ChainRNG", "chain_seed", "run_generator", "draw_normal", "draw_uniform"]
 
 #: Name of the seeding scheme, stored as ``sampler["rng"]`` in ensembles.
@@ -49,15 +51,13 @@ RNG_SCHEME = "per-chain-v1"
 
 
 def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise ValueError(f"Expected an integer seed >= 0; got {seed!r}")
-    return int(seed)
+    return check_int("seed", seed, 0, strict=False)
 
 
 def chain_seed(seed: int, chain: int) -> int:
     """The 64-bit ``manual_seed`` of chain ``chain`` (global index) of a run with ``seed``."""
     seed = _check_seed(seed)
-    if isinstance(chain, bool) or int(chain) != chain or chain < 0:
+    if not is_int(chain, minimum=0, strict=False):
         raise ValueError(f"Expected a chain index >= 0; got {chain!r}")
     state = np.random.SeedSequence([seed, int(chain)]).generate_state(2, dtype=np.uint32)
     return int(state[0]) << 32 | int(state[1])

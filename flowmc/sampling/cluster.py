@@ -110,6 +110,7 @@ class ClusterSampler:
     same methods as :class:`flowmc.sampling.samplers.HMCSampler`; module docstring)."""
 
     name = "cluster"
+    scalars = CLUSTER_SCALARS
     sub_steps = 1
 
     def __init__(

@@ -2,7 +2,8 @@ r"""One run driver for every sampler: flow independence MH, HMC, and the hybrid 
 
 :func:`run_ensemble` runs (or resumes) ``C`` chains of one kernel (:mod:`flowmc.mcmc.kernel`) into
 an HDF5 ensemble (:mod:`flowmc.io.ensemble`); what differs between samplers (start, warm-up, rows,
-state arrays) lives in :mod:`flowmc.sampling.samplers`. The sampler follows from the arguments:
+state arrays) lives in :mod:`flowmc.sampling.samplers`, behind the protocols of
+:mod:`flowmc.sampling.protocol`. The sampler follows from the arguments:
 
 * ``"flow-imh"`` (a ``model``, ``config.hmc_traj == 0``): each kernel step is a block of
   ``config.batch`` MH steps per chain, proposed in one flow call; one row per MH step;
@@ -51,20 +52,22 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from flowmc._checks import check_int, check_positive_float, float_or_none
 from flowmc._version import flowmc_version
 from flowmc.flows.flow import Z2SymmetricFlow
 from flowmc.io.checkpoint import LoadedModel, load_checkpoint, load_model, save_checkpoint
 from flowmc.io.ensemble import EnsembleWriter, check_output, file_sha256, open_ensemble
 from flowmc.mcmc import hmc
 from flowmc.mcmc.rng import RNG_SCHEME, ChainRNG, run_generator
-from flowmc.sampling.cluster import CLUSTER_SCALARS, ClusterSampler, ClusterSettings
+from flowmc.sampling.cluster import ClusterSampler, ClusterSettings
+from flowmc.sampling.protocol import FlowSampler, Sampler
 from flowmc.sampling.samplers import (
     Counters,
     FlowIMHSampler,
@@ -86,25 +89,14 @@ __all__ = [
 
 #: Sampler names (``sampler["name"]`` in the file).
 SAMPLERS = ("flow-imh", "hmc", "hybrid", "cluster")
-#: Per-row scalars of each sampler.
-SCALARS = {
-    "flow-imh": ("action", "log_q", "log_weight", "accepted", "magnetization"),
-    "hmc": ("action", "accepted", "delta_h", "magnetization"),
-    "hybrid": ("action", "accepted", "hmc_accepted", "delta_h", "magnetization"),
-    "cluster": CLUSTER_SCALARS,
-}
+#: Per-row scalars of each sampler, as each declares them (:attr:`Sampler.scalars`).
+SCALARS = {s.name: s.scalars for s in (FlowIMHSampler, HMCSampler, HybridSampler, ClusterSampler)}
 #: Initial fields of HMC chains.
 START_KINDS = ("cold", "random")
 #: Settings that are tuned in warm-up (read from the file on resume, not compared).
 _TUNED = ("step_size", "num_steps")
 #: Key of the run-level stream of the adaptive warm-up (:func:`flowmc.mcmc.rng.run_generator`).
 _ADAPT_STREAM = 1
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"Expected an integer {name} >= {minimum}; got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -128,14 +120,14 @@ class HMCSettings:
     flip: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("warmup", self.warmup, 0)
+        check_int("warmup", self.warmup, 0)
         if not (math.isfinite(self.traj_length) and self.traj_length > 0):
             raise ValueError(f"Expected traj_length > 0; got {self.traj_length}")
         if not 0.0 < self.target_accept < 1.0:
             raise ValueError(f"Expected target_accept in (0, 1); got {self.target_accept}")
-        hmc._check_integrator(self.integrator)
+        hmc.check_integrator(self.integrator)
         if self.step_size is not None:
-            hmc._check_step_size(self.step_size)
+            check_positive_float("step_size", self.step_size)
         elif self.warmup < 1:
             raise ValueError(
                 "Expected warmup >= 1 to tune the step size; got warmup=0 without a fixed "
@@ -195,13 +187,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name in ("n", "chains", "thin"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         if self.batch is not None:
-            _check_int("batch", self.batch, 1)
+            check_int("batch", self.batch, 1)
         for name in ("therm", "seed", "first_chain", "hmc_traj"):
-            _check_int(name, getattr(self, name), 0)
+            check_int(name, getattr(self, name), 0)
         if self.chunk is not None:
-            _check_int("chunk", self.chunk, 1)
+            check_int("chunk", self.chunk, 1)
         if self.start not in START_KINDS:
             raise ValueError(f"Expected start in {START_KINDS}; got {self.start!r}")
         if not isinstance(self.hmc, HMCSettings):
@@ -240,20 +232,12 @@ def _model_record(model: LoadedModel, sha: str) -> dict:
     rec = {
         "path": str(model.path),
         "sha256": sha,
-        "training_time_s": _float_or_none(meta.get("training_time_s")),
+        "training_time_s": float_or_none(meta.get("training_time_s")),
         "recipe": meta.get("recipe"),
     }
     if meta.get("training_time_total_s") is not None:
-        rec["training_time_total_s"] = _float_or_none(meta.get("training_time_total_s"))
+        rec["training_time_total_s"] = float_or_none(meta.get("training_time_total_s"))
     return rec
-
-
-def _float_or_none(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _check_adapted_target(path: Path, out: Path) -> None:
@@ -278,7 +262,7 @@ def _check_adapted_target(path: Path, out: Path) -> None:
 
 
 def _adapt(
-    sampler: FlowIMHSampler | HybridSampler,
+    sampler: FlowSampler,
     state: Any,
     rng: ChainRNG,
     config: RunConfig,
@@ -305,7 +289,7 @@ def _adapt(
     record["seconds"] = seconds
     path = adapted_model_path(out)
     bmeta = base.checkpoint.get("meta", {}) or {}
-    base_total = _float_or_none(bmeta.get("training_time_total_s", bmeta.get("training_time_s")))
+    base_total = float_or_none(bmeta.get("training_time_total_s", bmeta.get("training_time_s")))
     save_checkpoint(
         path, flow, base.action, symmetric=base.symmetric,
         train_config=base.checkpoint.get("train_config"),
@@ -438,121 +422,24 @@ def run_ensemble(
         ValueError: on invalid settings or a resume mismatch.
     """
     out = Path(out)
-    device = torch.device(device)
-    C = config.chains
-    if model is None:
-        if action is None:
-            raise ValueError("Expected an action for an HMC run (no model given); got None")
-        if config.adapt is not None:
-            raise ValueError("Expected adapt=None for an HMC run: there is no flow to adapt")
-        if config.cluster is not None:
-            sampler: Any = ClusterSampler(action, config, device, dtype or torch.float64,
-                                          chain_mean)  # fmt: skip
-        else:
-            sampler = HMCSampler(action, config, device, dtype or torch.float64, chain_mean)
-        lmodel, sha = None, ""
-    else:
-        if config.cluster is not None:
-            raise ValueError(
-                "Expected no model for a cluster run (config.cluster samples the action alone); "
-                "got a model"
-            )
-        lmodel = _resolve_model(model, device, dtype, symmetric)
-        if action is not None and action != lmodel.action:
-            raise ValueError(f"Expected the model's action {lmodel.action!r}; got {action!r}")
-        action = lmodel.action
-        device = next(lmodel.flow.parameters()).device
-        sha = file_sha256(lmodel.path)
-        if config.hmc_traj == 0:
-            sampler = FlowIMHSampler(lmodel, config)
-        else:
-            sampler = HybridSampler(lmodel, config, device, chain_mean)
-    lattice = tuple(int(s) for s in action.lattice_shape)
-    adapt_path = adapted_model_path(out) if config.adapt is not None else None
+    sampler, lmodel, action, sha, device = _make_sampler(
+        config, model, action, symmetric, torch.device(device), dtype, chain_mean
+    )
     rng = ChainRNG(config.seed, config.chain_ids(), device)
-    ctr = Counters(C)
-    warm: dict = {}
-    expect_storage = {"store_configs": bool(store_configs), "config_dtype": config_dtype,
-                      "compression": compression or ""}  # fmt: skip
-
+    ctr = Counters(config.chains)
+    files = _Files(out, tuple(int(s) for s in action.lattice_shape), action.params(),
+                   store_configs, config_dtype, compression)  # fmt: skip
     if resume:
-        stored, stored_meta = _stored_sampler(out)
-        if (isinstance(sampler, (HMCSampler, HybridSampler, ClusterSampler))
-                and stored.get("step_size") is not None):  # fmt: skip
-            sampler.freeze(stored["step_size"], stored.get("num_steps"))
-        _check_resume_settings(out, stored, sampler.attrs())
-        if adapt_path is not None:
-            base_rec = (stored_meta.get("model") or {}).get("adapted_from") or {}
-            if base_rec.get("sha256") != sha:
-                raise ValueError(
-                    f"Cannot resume {str(out)!r}: model_sha256 mismatch: it was adapted from "
-                    f"a flow with SHA-256 {base_rec.get('sha256')!r}, given {sha!r}"
-                )
-            if not adapt_path.is_file():
-                raise FileNotFoundError(
-                    f"Cannot resume {str(out)!r}: its adapted flow {str(adapt_path)!r} is missing"
-                )
-            p = next(lmodel.flow.parameters())
-            lmodel = load_model(adapt_path, device=p.device, dtype=p.dtype,
-                                symmetric=lmodel.symmetric, lam=lmodel.lam)  # fmt: skip
-            sampler.use_model(lmodel)
-            sha = file_sha256(adapt_path)
-        writer = EnsembleWriter.resume(
-            out,
-            expect={
-                "lattice_shape": lattice, "n_chains": C, "action": action.params(),
-                "sampler": stored, "model_sha256": sha, "seed": config.seed,
-                "scalar_names": list(SCALARS[sampler.name]), **expect_storage,
-            },
-        )  # fmt: skip
-        try:
-            arrays, attrs = writer.load_state()
-        except BaseException:
-            writer.close()
-            raise
-        state = sampler.unpack(arrays, device)
-        rng.set_state(arrays["rng"])
-        ctr.load(attrs, arrays)
-        steps_done, block_start = int(attrs["steps_done"]), int(attrs["block_start"])
+        writer, state, steps_done, block_start = _resume(files, sampler, rng, ctr, config,
+                                                         lmodel, sha, device)  # fmt: skip
+        warm: dict = {}
     else:
-        check_output(out, force=force)  # the --force policy, before the warm-up
-        if adapt_path is not None:
-            _check_adapted_target(adapt_path, out)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            state, warm = sampler.start(rng)
-        model_rec = None if lmodel is None else _model_record(lmodel, sha)
-        if config.adapt is not None:
-            state, lmodel, warm["adapt"] = _adapt(sampler, state, rng, config, out, sha)
-            base_rec, sha = model_rec, file_sha256(adapt_path)
-            model_rec = _model_record(lmodel, sha)
-            model_rec["adapted_from"] = base_rec
-            model_rec["adapt_time_s"] = warm["adapt"]["seconds"]
-            base_t = base_rec.get("training_time_total_s", base_rec.get("training_time_s"))
-            model_rec["training_time_s"] = (
-                None if base_t is None else base_t + warm["adapt"]["seconds"]
-            )
-        warm["seconds"] = time.perf_counter() - t0
-        run_meta: dict = {"warmup": warm}
-        if model_rec is not None:
-            run_meta.update(model=model_rec, model_path=model_rec["path"])
-        writer = EnsembleWriter.create(
-            out, lattice_shape=lattice, n_chains=C, scalar_names=SCALARS[sampler.name],
-            action=action.params(), sampler=sampler.attrs(), model_sha256=sha,
-            seed=config.seed, meta={**run_meta, **(meta or {})}, store_configs=store_configs,
-            config_dtype=config_dtype, compression=compression, force=force,
-            command_line=command_line,
-        )  # fmt: skip
+        writer, state, warm = _begin(files, sampler, rng, config, lmodel, sha, force=force,
+                                     meta=meta, command_line=command_line)  # fmt: skip
         steps_done = block_start = 0
-
-    def commit_state() -> tuple[dict, dict]:
-        arrays = {k: to_numpy(v) for k, v in sampler.pack(state).items()}
-        arrays.update(rng=rng.get_state(), **ctr.arrays())
-        return arrays, {"steps_done": steps_done, "block_start": block_start, **ctr.totals}
-
     try:
         if not resume:
-            writer.save_state(*commit_state())
+            writer.save_state(*_commit_state(sampler, state, rng, ctr, steps_done, block_start))
         summary = _sample(sampler, state, rng, ctr, writer, config, steps_done, block_start,
                           progress)  # fmt: skip
     finally:
@@ -560,21 +447,187 @@ def run_ensemble(
     summary.update(
         path=str(out),
         sampler=sampler.name,
-        chains=C,
+        chains=config.chains,
         warmup_seconds=warm.get("seconds", 0.0),
         flowmc_version=flowmc_version(),
         **sampler.summary(ctr),
     )
     if config.adapt is not None:
-        summary["adapted_model"] = str(adapt_path)
+        summary["adapted_model"] = str(adapted_model_path(out))
         if "adapt" in warm:
             summary["adapt"] = warm["adapt"]
     return summary
 
 
+def _make_sampler(
+    config: RunConfig,
+    model: LoadedModel | str | os.PathLike[str] | None,
+    action: Any,
+    symmetric: bool | None,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    chain_mean: hmc.ChainMean | None,
+) -> tuple[Sampler, LoadedModel | None, Any, str, torch.device]:
+    """The sampler the arguments ask for: ``(sampler, model, action, model SHA-256, device)``
+    (a flow's chains live on the flow's device)."""
+    if model is None:
+        if action is None:
+            raise ValueError("Expected an action for an HMC run (no model given); got None")
+        if config.adapt is not None:
+            raise ValueError("Expected adapt=None for an HMC run: there is no flow to adapt")
+        if config.cluster is not None:
+            sampler: Sampler = ClusterSampler(action, config, device, dtype or torch.float64,
+                                              chain_mean)  # fmt: skip
+        else:
+            sampler = HMCSampler(action, config, device, dtype or torch.float64, chain_mean)
+        return sampler, None, action, "", device
+    if config.cluster is not None:
+        raise ValueError(
+            "Expected no model for a cluster run (config.cluster samples the action alone); "
+            "got a model"
+        )
+    lmodel = _resolve_model(model, device, dtype, symmetric)
+    if action is not None and action != lmodel.action:
+        raise ValueError(f"Expected the model's action {lmodel.action!r}; got {action!r}")
+    device = next(lmodel.flow.parameters()).device
+    sha = file_sha256(lmodel.path)
+    if config.hmc_traj == 0:
+        sampler = FlowIMHSampler(lmodel, config)
+    else:
+        sampler = HybridSampler(lmodel, config, device, chain_mean)
+    return sampler, lmodel, lmodel.action, sha, device
+
+
+class _Files(NamedTuple):
+    """The ensemble a run writes, and what its root attributes say."""
+
+    out: Path
+    lattice: tuple[int, ...]
+    action: dict
+    store_configs: bool
+    config_dtype: str
+    compression: str | None
+
+    def storage(self) -> dict:
+        """The storage options as the file records them (``compression`` ``""`` for none)."""
+        return {"store_configs": bool(self.store_configs), "config_dtype": self.config_dtype,
+                "compression": self.compression or ""}  # fmt: skip
+
+
+def _commit_state(
+    sampler: Sampler, state: Any, rng: ChainRNG, ctr: Counters, steps_done: int,
+    block_start: int,
+) -> tuple[dict, dict]:
+    """The arrays and attributes a commit saves: the kernel state, generators and counters."""
+    arrays = {k: to_numpy(v) for k, v in sampler.pack(state).items()}
+    arrays.update(rng=rng.get_state(), **ctr.arrays())
+    return arrays, {"steps_done": steps_done, "block_start": block_start, **ctr.totals}
+
+
+def _resume(
+    files: _Files,
+    sampler: Sampler,
+    rng: ChainRNG,
+    ctr: Counters,
+    config: RunConfig,
+    lmodel: LoadedModel | None,
+    sha: str,
+    device: torch.device,
+) -> tuple[EnsembleWriter, Any, int, int]:
+    """Reopen ``files.out`` after its checks, with the sampler, generators and counters set to
+    its last commit: ``(writer, state, steps_done, block_start)``."""
+    out = files.out
+    stored, stored_meta = _stored_sampler(out)
+    if (isinstance(sampler, (HMCSampler, HybridSampler, ClusterSampler))
+            and stored.get("step_size") is not None):  # fmt: skip
+        sampler.freeze(stored["step_size"], stored.get("num_steps"))
+    _check_resume_settings(out, stored, sampler.attrs())
+    if config.adapt is not None:
+        adapt_path = adapted_model_path(out)
+        base_rec = (stored_meta.get("model") or {}).get("adapted_from") or {}
+        if base_rec.get("sha256") != sha:
+            raise ValueError(
+                f"Cannot resume {str(out)!r}: model_sha256 mismatch: it was adapted from "
+                f"a flow with SHA-256 {base_rec.get('sha256')!r}, given {sha!r}"
+            )
+        if not adapt_path.is_file():
+            raise FileNotFoundError(
+                f"Cannot resume {str(out)!r}: its adapted flow {str(adapt_path)!r} is missing"
+            )
+        p = next(lmodel.flow.parameters())
+        lmodel = load_model(adapt_path, device=p.device, dtype=p.dtype,
+                            symmetric=lmodel.symmetric, lam=lmodel.lam)  # fmt: skip
+        sampler.use_model(lmodel)
+        sha = file_sha256(adapt_path)
+    writer = EnsembleWriter.resume(
+        out,
+        expect={
+            "lattice_shape": files.lattice, "n_chains": config.chains, "action": files.action,
+            "sampler": stored, "model_sha256": sha, "seed": config.seed,
+            "scalar_names": list(sampler.scalars), **files.storage(),
+        },
+    )  # fmt: skip
+    try:
+        arrays, attrs = writer.load_state()
+    except BaseException:
+        writer.close()
+        raise
+    state = sampler.unpack(arrays, device)
+    rng.set_state(arrays["rng"])
+    ctr.load(attrs, arrays)
+    return writer, state, int(attrs["steps_done"]), int(attrs["block_start"])
+
+
+def _begin(
+    files: _Files,
+    sampler: Sampler,
+    rng: ChainRNG,
+    config: RunConfig,
+    lmodel: LoadedModel | None,
+    sha: str,
+    *,
+    force: bool,
+    meta: dict | None,
+    command_line: str | None,
+) -> tuple[EnsembleWriter, Any, dict]:
+    """A new run: its output checks, the warm-up (and adaptation), then the new file (nothing
+    is written before): ``(writer, state, warm-up record)``."""
+    out = files.out
+    check_output(out, force=force)  # the --force policy, before the warm-up
+    adapt_path = adapted_model_path(out) if config.adapt is not None else None
+    if adapt_path is not None:
+        _check_adapted_target(adapt_path, out)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        state, warm = sampler.start(rng)
+    model_rec = None if lmodel is None else _model_record(lmodel, sha)
+    if config.adapt is not None:
+        state, lmodel, warm["adapt"] = _adapt(sampler, state, rng, config, out, sha)
+        base_rec, sha = model_rec, file_sha256(adapt_path)
+        model_rec = _model_record(lmodel, sha)
+        model_rec["adapted_from"] = base_rec
+        model_rec["adapt_time_s"] = warm["adapt"]["seconds"]
+        base_t = base_rec.get("training_time_total_s", base_rec.get("training_time_s"))
+        model_rec["training_time_s"] = (
+            None if base_t is None else base_t + warm["adapt"]["seconds"]
+        )
+    warm["seconds"] = time.perf_counter() - t0
+    run_meta: dict = {"warmup": warm}
+    if model_rec is not None:
+        run_meta.update(model=model_rec, model_path=model_rec["path"])
+    writer = EnsembleWriter.create(
+        out, lattice_shape=files.lattice, n_chains=config.chains, scalar_names=sampler.scalars,
+        action=files.action, sampler=sampler.attrs(), model_sha256=sha, seed=config.seed,
+        meta={**run_meta, **(meta or {})}, store_configs=files.store_configs,
+        config_dtype=files.config_dtype, compression=files.compression, force=force,
+        command_line=command_line,
+    )  # fmt: skip
+    return writer, state, warm
+
+
 @torch.no_grad()
 def _sample(
-    sampler: Any,
+    sampler: Sampler,
     state: Any,
     rng: ChainRNG,
     ctr: Counters,
@@ -602,14 +655,10 @@ def _sample(
         configs = (
             torch.cat([p[1] for p in pending]).cpu().numpy() if writer.store_configs else None
         )
-        arrays = {k: to_numpy(v) for k, v in sampler.pack(state).items()}
-        arrays.update(rng=rng.get_state(), **ctr.arrays())
+        arrays, attrs = _commit_state(sampler, state, rng, ctr, steps_done, block_start)
         now = time.perf_counter()
-        writer.append(
-            scalars=scalars, configs=configs, state=arrays,
-            state_attrs={"steps_done": steps_done, "block_start": block_start, **ctr.totals},
-            wall_time=now - t_chunk,
-        )  # fmt: skip
+        writer.append(scalars=scalars, configs=configs, state=arrays, state_attrs=attrs,
+                      wall_time=now - t_chunk)  # fmt: skip
         pending, n_pending, t_chunk = [], 0, now
         t = ctr.totals
         acc = t["n_accepted"] / max((steps_done) * config.chains, 1)

@@ -7,10 +7,13 @@ Each sampler wraps a kernel (:mod:`flowmc.mcmc.kernel`) for the driver:
 * ``step(state, rng) -> (state, info)``: one kernel step of ``sub_steps`` chain steps (a block of
   MH steps for flow MH, a block of cycles for the hybrid, one trajectory for HMC);
 * ``tally(info, lo, hi, counters)`` and ``rows(info, state, idx)``: the counters and per-row
-  scalars of chain steps ``lo .. hi - 1`` of that kernel step;
+  scalars of chain steps ``lo .. hi - 1`` of that kernel step; ``scalars`` names those scalars,
+  in the order they are stored;
 * ``pack(state)`` / ``unpack(arrays, device)``: the state arrays committed with every append;
 * ``attrs()`` (the ``sampler`` attribute) and ``summary(counters)``;
 * flow samplers also ``use_model``, ``refresh`` and ``adapt_step`` for the adaptive warm-up.
+
+The protocols of this seam: :mod:`flowmc.sampling.protocol`.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ def _int_steps(model: LoadedModel) -> dict:
 
 class FlowIMHSampler:
     name = "flow-imh"
+    scalars = ("action", "log_q", "log_weight", "accepted", "magnetization")
 
     def __init__(self, model: LoadedModel, config: RunConfig) -> None:
         self.config = config
@@ -155,6 +159,7 @@ class FlowIMHSampler:
 
 class HMCSampler:
     name = "hmc"
+    scalars = ("action", "accepted", "delta_h", "magnetization")
     sub_steps = 1
 
     def __init__(
@@ -259,6 +264,7 @@ class HybridSampler:
     """
 
     name = "hybrid"
+    scalars = ("action", "accepted", "hmc_accepted", "delta_h", "magnetization")
 
     def __init__(
         self,

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from flowmc._checks import check_int
 from flowmc.flows.flow import Flow, Z2SymmetricFlow
 from flowmc.lattice.action import Phi4Action
 from flowmc.training.train import reverse_kl_loss
@@ -63,9 +64,7 @@ class AdaptConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "buffer"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"Expected an integer adapt {name} >= 1; got {v!r}")
+            check_int(f"adapt {name}", getattr(self, name), 1, strict=False)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"Expected adapt lr > 0; got {self.lr}")
         if not (math.isfinite(self.reverse_kl) and self.reverse_kl >= 0):

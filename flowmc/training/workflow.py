@@ -136,6 +136,175 @@ def _ancestor(path: Path) -> tuple[dict, dict]:
     return ckpt, record
 
 
+class _Begun(NamedTuple):
+    """Where a training run starts (new, resumed, or from an ancestor's weights)."""
+
+    action: Phi4Action
+    flow: Flow
+    train_cfg: TrainConfig | None  # a new stage's is set by the caller (recipe + overrides)
+    dtype: torch.dtype | None
+    trainer_state: dict | None  # the optimizer state, step and history to resume
+    ancestor: dict | None  # the init_from record
+    prev_meta: dict  # the resumed checkpoint's meta
+    record: dict  # the resolved options to store in the checkpoint
+
+
+def _check_start(
+    out: Path | None,
+    resume: bool,
+    init_from: Path | None,
+    checkpoint_every: int,
+    flow_over: dict[str, Any],
+    flow_config: FlowConfig | None,
+) -> None:
+    """The arguments of :func:`train_flow` that choose the start mode, checked together."""
+    if resume and init_from is not None:
+        raise ValueError("Expected either resume or init_from, not both")
+    if resume and out is None:
+        raise ValueError("Expected out (the checkpoint to resume) with resume=True")
+    if checkpoint_every < 0:
+        raise ValueError(f"Expected checkpoint_every >= 0; got {checkpoint_every}")
+    if (resume or init_from is not None) and (flow_over or flow_config is not None):
+        source = "the checkpoint to resume" if resume else "init_from"
+        raise ValueError(
+            f"Expected no architecture options: the architecture comes from {source}; got "
+            f"{sorted(flow_over) or ['flow_config']}"
+        )
+
+
+def _start_stage(
+    action: Phi4Action | None,
+    recipe: str,
+    init_from: Path | None,
+    flow_config: FlowConfig | None,
+    flow_over: dict[str, Any],
+    train_config: TrainConfig | None,
+    train_over: dict[str, Any],
+    symmetric: bool | None,
+    seed: int,
+    dtype: torch.dtype | None,
+    record: Mapping[str, Any] | None,
+) -> _Begun:
+    """A new stage (not a resume): from ``init_from`` or a new flow, trained with the recipe's
+    (or the given) hyper-parameters and ``train_over``."""
+    if action is None:
+        raise ValueError("Expected an action (the target to train for)")
+    recipe_flow, recipe_train = get_recipe(recipe, tuple(action.lattice_shape))
+    if init_from is not None:
+        begun = _start_from(init_from, action, dtype, record)
+    else:
+        begun = _start_new(action, flow_config or recipe_flow, flow_over, seed, dtype, record)
+    train_cfg = override(train_config or recipe_train, **train_over)
+    if symmetric is not None:
+        train_cfg = replace(train_cfg, symmetric=bool(symmetric))
+    return begun._replace(train_cfg=train_cfg)
+
+
+def _start_resumed(
+    out: Path,
+    action: Phi4Action | None,
+    train_config: TrainConfig | None,
+    train_over: dict[str, Any],
+    dtype: torch.dtype | None,
+    record: Mapping[str, Any] | None,
+    *,
+    announce: bool,
+) -> _Begun:
+    """Resume ``out``: its action, architecture, weights, hyper-parameters (with
+    ``train_over``) and trainer state; ``dtype`` defaults to the checkpoint's."""
+    ckpt = load_checkpoint(out, require_trainer_state=True)
+    stored = Phi4Action.from_params(ckpt["action"])
+    if action is not None and action != stored:
+        raise ValueError(
+            f"Expected the action stored in {out} ({stored!r}); got {action!r}"
+        )
+    flow_cfg = FlowConfig.from_dict(ckpt["flow_config"])
+    if train_config is not None:
+        raise ValueError("Expected train_overrides, not train_config, with resume=True")
+    train_cfg = override(TrainConfig.from_dict(ckpt["train_config"]), **train_over)
+    prev_meta = dict(ckpt.get("meta", {}) or {})
+    if dtype is None:
+        dtype = torch.float64 if prev_meta.get("dtype") == "float64" else torch.float32
+    # load in the final dtype: loading float64 weights into float32 would round them
+    flow = build_flow(flow_cfg).to(dtype)
+    flow.load_state_dict(ckpt["model_state"])
+    trainer_state = ckpt.get("trainer_state")
+    if not trainer_state:
+        raise ValueError(
+            f"{out} has no trainer state to resume; start a new stage from it with "
+            "init_from (--init-from) instead"
+        )
+    if announce:
+        done = int(trainer_state["step"])
+        more = (
+            f"-> {train_cfg.n_steps}" if train_cfg.n_steps > done
+            else f"(n_steps = {train_cfg.n_steps} is the total, not beyond it: "
+            "nothing to train)"
+        )
+        print(f"resuming {out} at step {done} {more}", file=sys.stderr)
+    record = {**ckpt.get("resolved_config", {}), "resumed_with": dict(record or {})}
+    return _Begun(stored, flow, train_cfg, dtype, trainer_state, prev_meta.get("init_from"),
+                  prev_meta, record)  # fmt: skip
+
+
+def _start_from(
+    init_from: Path, action: Phi4Action, dtype: torch.dtype | None,
+    record: Mapping[str, Any] | None,
+) -> _Begun:
+    """A new stage from the ``init_from`` checkpoint's architecture and weights, moved to the
+    action's lattice (:func:`flowmc.flows.flow.transfer_state_dict`)."""
+    ckpt, ancestor = _ancestor(init_from)
+    old_cfg = FlowConfig.from_dict(ckpt["flow_config"])
+    flow_cfg = replace(old_cfg, lattice_shape=tuple(action.lattice_shape))
+    with torch.random.fork_rng(devices=[]):
+        flow = build_flow(flow_cfg).to(dtype or torch.float32)
+    flow.load_state_dict(transfer_state_dict(ckpt["model_state"], old_cfg, flow_cfg))
+    return _Begun(action, flow, None, dtype, None, ancestor, {}, dict(record or {}))
+
+
+def _start_new(
+    action: Phi4Action,
+    flow_config: FlowConfig,
+    flow_over: dict[str, Any],
+    seed: int,
+    dtype: torch.dtype | None,
+    record: Mapping[str, Any] | None,
+) -> _Begun:
+    """A new flow: ``flow_config`` with ``flow_over``, its parameters drawn from ``seed`` (on the
+    CPU, in a forked RNG)."""
+    shape = tuple(action.lattice_shape)
+    flow_cfg = _override_flow(flow_config, flow_over)
+    if tuple(flow_cfg.lattice_shape) != shape:
+        raise ValueError(
+            f"Expected a flow_config for lattice {shape}; got "
+            f"{tuple(flow_cfg.lattice_shape)}"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        flow = build_flow(flow_cfg)
+    return _Begun(action, flow, None, dtype, None, None, {}, dict(record or {}))
+
+
+def _make_trainer(
+    begun: _Begun, seed: int, *, distributed_run: bool, device: torch.device
+) -> Trainer:
+    """The trainer of ``begun.flow`` (data-parallel in a process group), with the resumed
+    trainer state loaded."""
+    if distributed_run:
+        trainer: Trainer = distributed.DistributedTrainer(
+            begun.flow,
+            begun.action,
+            begun.train_cfg,
+            seed=seed,
+            device_ids=[device.index] if device.type == "cuda" else None,
+        )
+    else:
+        trainer = Trainer(begun.flow, begun.action, begun.train_cfg, seed=seed)
+    if begun.trainer_state is not None:
+        trainer.load_state_dict(begun.trainer_state)
+    return trainer
+
+
 def train_flow(
     action: Phi4Action | None = None,
     *,
@@ -215,18 +384,7 @@ def train_flow(
     out = None if out is None else Path(out)
     init_from = None if init_from is None else Path(init_from)
     flow_over, train_over = _set(flow_overrides), _set(train_overrides)
-    if resume and init_from is not None:
-        raise ValueError("Expected either resume or init_from, not both")
-    if resume and out is None:
-        raise ValueError("Expected out (the checkpoint to resume) with resume=True")
-    if checkpoint_every < 0:
-        raise ValueError(f"Expected checkpoint_every >= 0; got {checkpoint_every}")
-    if (resume or init_from is not None) and (flow_over or flow_config is not None):
-        source = "the checkpoint to resume" if resume else "init_from"
-        raise ValueError(
-            f"Expected no architecture options: the architecture comes from {source}; got "
-            f"{sorted(flow_over) or ['flow_config']}"
-        )
+    _check_start(out, resume, init_from, checkpoint_every, flow_over, flow_config)
     with parallel.process_group(device, timeout_s=timeout_s) as info, ExitStack() as held:
         rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
         local = info.local_rank if info is not None else 0
@@ -240,82 +398,16 @@ def train_flow(
                 check_output(out, force=force, lock_held=not main)
             if main:
                 held.enter_context(claim_output(out, force=force, resume=resume))
-        ancestor: dict | None = None
-        prev_meta: dict = {}
-        trainer_state: dict | None = None
-        record = dict(record or {})
         if resume:
-            ckpt = load_checkpoint(out, require_trainer_state=True)
-            stored = Phi4Action.from_params(ckpt["action"])
-            if action is not None and action != stored:
-                raise ValueError(
-                    f"Expected the action stored in {out} ({stored!r}); got {action!r}"
-                )
-            action = stored
-            flow_cfg = FlowConfig.from_dict(ckpt["flow_config"])
-            if train_config is not None:
-                raise ValueError("Expected train_overrides, not train_config, with resume=True")
-            train_cfg = override(TrainConfig.from_dict(ckpt["train_config"]), **train_over)
-            prev_meta = dict(ckpt.get("meta", {}) or {})
-            if dtype is None:
-                dtype = torch.float64 if prev_meta.get("dtype") == "float64" else torch.float32
-            # load in the final dtype: loading float64 weights into float32 would round them
-            flow = build_flow(flow_cfg).to(dtype)
-            flow.load_state_dict(ckpt["model_state"])
-            trainer_state = ckpt.get("trainer_state")
-            if not trainer_state:
-                raise ValueError(
-                    f"{out} has no trainer state to resume; start a new stage from it with "
-                    "init_from (--init-from) instead"
-                )
-            ancestor = prev_meta.get("init_from")
-            record = {**ckpt.get("resolved_config", {}), "resumed_with": record}
-            if main and progress:
-                done = int(trainer_state["step"])
-                more = (
-                    f"-> {train_cfg.n_steps}" if train_cfg.n_steps > done
-                    else f"(n_steps = {train_cfg.n_steps} is the total, not beyond it: "
-                    "nothing to train)"
-                )
-                print(f"resuming {out} at step {done} {more}", file=sys.stderr)
+            begun = _start_resumed(out, action, train_config, train_over, dtype, record,
+                                   announce=main and progress)  # fmt: skip
         else:
-            if action is None:
-                raise ValueError("Expected an action (the target to train for)")
-            shape = tuple(action.lattice_shape)
-            recipe_flow, recipe_train = get_recipe(recipe, shape)
-            if init_from is not None:
-                ckpt, ancestor = _ancestor(init_from)
-                old_cfg = FlowConfig.from_dict(ckpt["flow_config"])
-                flow_cfg = replace(old_cfg, lattice_shape=shape)
-                with torch.random.fork_rng(devices=[]):
-                    flow = build_flow(flow_cfg).to(dtype or torch.float32)
-                flow.load_state_dict(transfer_state_dict(ckpt["model_state"], old_cfg, flow_cfg))
-            else:
-                flow_cfg = _override_flow(flow_config or recipe_flow, flow_over)
-                if tuple(flow_cfg.lattice_shape) != shape:
-                    raise ValueError(
-                        f"Expected a flow_config for lattice {shape}; got "
-                        f"{tuple(flow_cfg.lattice_shape)}"
-                    )
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    flow = build_flow(flow_cfg)
-            train_cfg = override(train_config or recipe_train, **train_over)
-            if symmetric is not None:
-                train_cfg = replace(train_cfg, symmetric=bool(symmetric))
-        flow.to(device=device, dtype=dtype or torch.float32)
-        if info is not None:
-            trainer: Trainer = distributed.DistributedTrainer(
-                flow,
-                action,
-                train_cfg,
-                seed=seed,
-                device_ids=[device.index] if device.type == "cuda" else None,
-            )
-        else:
-            trainer = Trainer(flow, action, train_cfg, seed=seed)
-        if trainer_state is not None:
-            trainer.load_state_dict(trainer_state)
+            begun = _start_stage(action, recipe, init_from, flow_config, flow_over, train_config,
+                                 train_over, symmetric, seed, dtype, record)  # fmt: skip
+        action, flow, train_cfg = begun.action, begun.flow, begun.train_cfg
+        ancestor, prev_meta, record = begun.ancestor, begun.prev_meta, begun.record
+        flow.to(device=device, dtype=begun.dtype or torch.float32)
+        trainer = _make_trainer(begun, seed, distributed_run=info is not None, device=device)
 
         ancestor_total = float(ancestor["training_time_total_s"]) if ancestor else 0.0
         sample_symmetric = bool(train_cfg.symmetric or symmetric is True)

@@ -159,3 +159,46 @@ def test_input_errors() -> None:
         find_crossing(LAMS, y1, e, y2, e, method="cubic")
     with pytest.raises(ValueError, match="window >= 3"):
         find_crossing(LAMS, y1, e, y2, e, window=2)
+
+
+def test_the_parts_of_find_crossing() -> None:
+    """find_crossing's stages on their own: brackets, the best of several, the note without a
+    crossing, the interpolation (and its fallbacks), the linear errors, the bootstrap."""
+    from flowmc.analysis import crossing as cr
+
+    assert cr._brackets(np.array([1.0, -1.0, 1.0])) == [0, 1]
+    assert cr._brackets(np.array([2.0, 1.0, 0.0])) == [1]  # a zero at the last point
+    assert cr._brackets(np.array([1.0, 2.0])) == []
+    # an isolated noisy flip loses against the sign change that splits the grid
+    d = np.array([-3.0, 0.5, -0.5, -2.0, 2.0, 3.0])
+    assert cr._brackets(d) == [0, 1, 3] and cr._best_bracket([0, 1, 3], d, np.ones(6)) == 3
+    note = cr._no_crossing_note(np.array([1.0, 2.0]), np.array([2.0, 1.0]), np.array([0.5, 1.0]),
+                                "U4", (8, 16))  # fmt: skip
+    assert note == ("no crossing of U4 between L=8 and L=16 inside [1, 2]: U4(L=16) - U4(L=8) "
+                    "> 0 at all 2 points (closest at lam = 2, 1.0 sigma)")  # fmt: skip
+
+    x = np.array([0.0, 1.0, 2.0, 3.0])
+    a, b = np.zeros(4), (x - 1.5) * (x + 1.0)  # a quadratic difference: root at 1.5 exactly
+    s_d = np.full(4, 0.1)
+    notes: list[str] = []
+    interp, lam, value = cr._interpolate(x, a, b, s_d, 1, "quadratic", 4, notes)
+    assert interp.method == "quadratic" and lam == pytest.approx(1.5, abs=1e-12) and not notes
+    assert value == pytest.approx(0.5 * (1.5 - 1.5) * (1.5 + 1.0), abs=1e-12)
+    interp, lam, _ = cr._interpolate(x[1:3], a[1:3], b[1:3], s_d[1:3], 0, "quadratic", 4, notes)
+    assert interp.method == "linear" and notes == ["2 grid points: linear interpolation"]
+    assert lam == pytest.approx(1.0 + 1.0 / 2.5, abs=1e-12)
+
+    # linear errors of the linear crossing lam* = x1 d0 / (d0 - d1) (x0 = 0, d = y2 - y1)
+    x2, y1, y2 = np.array([0.0, 2.0]), np.array([-1.0, 1.0]), np.array([1.0, -1.0])
+    lin = cr._Interp(x2, np.ones(2), np.ones(2), 0, "linear", 2)
+    err, _ = cr._linear_errors(lin, y1, y2, np.array([0.1, 0.0]), np.zeros(2))
+    assert err == pytest.approx(0.025, rel=1e-6)  # |d lam*/d y1[0]| = x1 |d1| / (d0 - d1)^2
+
+    assert cr._bootstrap(lin, y1, y2, np.full(2, 0.1), np.full(2, 0.1), 0, 0, []) == (
+        None, None, None, 0)
+    one = cr._bootstrap(lin, y1, y2, np.full(2, 0.1), np.full(2, 0.1), 200, 7, [])
+    assert one == cr._bootstrap(lin, y1, y2, np.full(2, 0.1), np.full(2, 0.1), 200, 7, [])
+    assert one[0] == pytest.approx(0.025 * 2, rel=0.2) and one[3] == 0  # 4 inputs of 0.1
+    notes = []
+    noisy = cr._bootstrap(lin, y1, y2, np.full(2, 3.0), np.full(2, 3.0), 200, 7, notes)
+    assert noisy[3] > 2 and "not significant" in notes[0]

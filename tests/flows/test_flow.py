@@ -49,14 +49,6 @@ EQUIVARIANT = ("affine-equivariant", "spline-equivariant", "momentum-equivariant
                "momentum-equivariant-zeromode-spectrum")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomised(kind: str, n_layers: int = 4, shape: tuple[int, ...] = SHAPE, std: float = 0.2,
                 seed: int = 0) -> Flow:
     """A float64 flow whose last conditioner layers are non-zero (so it is not the identity)."""

@@ -18,16 +18,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
-import torch
 
 from flowmc.cli import main
-from flowmc.flows.flow import FlowConfig, build_flow
-from flowmc.io.checkpoint import load_checkpoint, save_checkpoint
+from flowmc.io.checkpoint import load_checkpoint
 from flowmc.io.durable import DurableFile, deferred_sigint
 from flowmc.io.ensemble import EnsembleWriter, open_ensemble
 from flowmc.lattice.action import Phi4Action
+from tests.helpers import save_small_flow
 
 C, L = 2, (4, 3)
 SIZES = (3, 5, 2)
@@ -255,15 +255,6 @@ def test_failed_writer_never_crashes_the_process(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ the commands
 
 
-def _model(path: Path) -> Path:
-    torch.manual_seed(0)
-    flow = build_flow(FlowConfig((4, 4), n_layers=2, hidden=(4,), prior_sigma=0.6))
-    for p in flow.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    save_checkpoint(path, flow, Phi4Action(-1.0, 1.0, (4, 4)), symmetric=False)
-    return path
-
-
 def _ensemble_bytes(path: Path) -> dict:
     with open_ensemble(path) as ens:
         out = {k: ens.scalar(k).tobytes() for k in ens.scalar_names}
@@ -283,7 +274,7 @@ def test_sample_disk_full_fails_loudly_and_resumes_bit_identically(
 
     Failed before: success printed, rc 139 at exit, n = 20000 with 13,856 wrong rows.
     """
-    model = _model(tmp_path / "m.pt")
+    model = save_small_flow(tmp_path / "m.pt")
     args = ["sample", "--model", str(model), "--n", "200", "--batch", "64", "--chains", "2",
             "--seed", "5", "--quiet"]
     ref = tmp_path / "ref.h5"
@@ -384,3 +375,120 @@ def test_ctrl_c_during_a_commit_is_delivered_after_it() -> None:
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+# ------------------------------------------------------------------------ the publish primitive
+
+
+def _publishers(tmp_path: Path) -> dict[str, tuple[Path, object]]:
+    """Every writer that publishes through :func:`flowmc.io.durable.publish`: its output (an
+    earlier version already in place) and a call that writes a new version of it."""
+    from flowmc.io import ensemble, safeio
+    from flowmc.io.durable import write_atomically
+    from flowmc.io.join import join_shards, shard_path
+    from flowmc.sampling.run import HMCSettings, RunConfig, run_ensemble
+
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"old")
+    report = tmp_path / "r.json"
+    safeio.write_atomic(report, b'{"flowmc_report": "eval", "v": 1}', fmt="json", kind="eval")
+    unclean = tmp_path / "unclean.h5"  # what resume rebuilds when writing != 0
+    _write_run(unclean, [])
+
+    def rebuild() -> None:
+        with h5py.File(unclean, "r") as f:
+            ensemble._rebuild(f, str(unclean), ensemble._validate_root(f, str(unclean)))
+
+    joined = tmp_path / "sh.h5"
+    action = Phi4Action(-1.0, 1.0, (4, 4))
+    for rank, first in enumerate((0, 2)):
+        config = RunConfig(n=4, chains=2, first_chain=first, seed=1, chunk=2,
+                           hmc=HMCSettings(warmup=2, step_size=0.2))  # fmt: skip
+        run_ensemble(shard_path(joined, rank, 2), config, action=action, progress=False,
+                     meta={"shard": {"job": "j", "rank": rank, "world_size": 2}})  # fmt: skip
+    join_shards(joined)
+    return {
+        "write_atomically": (blob, lambda: write_atomically(str(blob), b"new")),
+        "report": (report, lambda: safeio.write_atomic(
+            report, b'{"flowmc_report": "eval", "v": 2}', fmt="json", kind="eval")),
+        "rebuild": (unclean, rebuild),
+        "join": (joined, lambda: join_shards(joined)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["write_atomically", "report", "rebuild", "join"])
+def test_publish_failure_at_every_step_leaves_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Each of the four writers that publish a file (checkpoints, reports, the rebuild of an
+    ensemble, the join of a sharded one) goes through :func:`flowmc.io.durable.publish`: a
+    failure at the k-th write, fsync or the rename, for every k, raises, leaves the previous
+    file byte for byte and no temporary file. A failure of the last step, the ``fsync`` of the
+    directory, comes after the rename: the new file is in place (for reports it is ignored).
+    Without faults the writer replaces the file (the control)."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # speed: the kernel's fsync is not tested
+    path, write = _publishers(tmp_path)[name]
+    before, inode = path.read_bytes(), path.stat().st_ino
+    seen: list[tuple[str, str]] = []
+    DurableFile.fault_hook = lambda op, p, nbytes: seen.append((op, p))
+    try:
+        write()
+    finally:
+        DurableFile.fault_hook = None
+    assert path.stat().st_ino != inode and _stray(tmp_path) == []  # a new file (a join may
+    inode = path.stat().st_ino  # have the same bytes: the same rows, in the same second)
+    ops = [op for op, p in seen]
+    assert ops.count("replace") == 1 and ops[-2:] == ["replace", "fsync"], ops
+    assert seen[-1][1] == str(path.parent) and seen[-2][1] == str(path)
+    for op in ("write", "fsync", "replace"):
+        n_before_rename = ops[: ops.index("replace") + 1].count(op)
+        assert n_before_rename >= 1, (op, ops)
+        for k in range(1, n_before_rename + 1):
+            path.write_bytes(before)
+            monkeypatch.setattr(DurableFile, "fault_hook", _fail_at(op, k, errno.EIO))
+            with pytest.raises(OSError) as info:
+                write()
+            monkeypatch.setattr(DurableFile, "fault_hook", None)
+            assert info.value.errno == errno.EIO, (op, k, info.value)
+            assert path.read_bytes() == before and path.stat().st_ino == inode, (op, k)
+            assert _stray(tmp_path) == [], (op, k)
+    # the directory's fsync, after the rename: the new file is in place, no temporary file
+    path.write_bytes(before)
+    last_fsync = _fail_at("fsync", ops.count("fsync"), errno.EIO)
+    monkeypatch.setattr(DurableFile, "fault_hook", last_fsync)
+    if name == "report":  # best effort for reports
+        write()
+    else:
+        with pytest.raises(OSError):
+            write()
+    monkeypatch.setattr(DurableFile, "fault_hook", None)
+    assert path.stat().st_ino != inode and _stray(tmp_path) == []
+
+
+def test_publish_verify_and_block_failures(tmp_path: Path) -> None:
+    """``verify`` runs on the complete temporary file just before the rename; an exception
+    from it or from the block leaves the old file and no temporary file."""
+    from flowmc.io.durable import publish
+
+    path = tmp_path / "x"
+    path.write_bytes(b"old")
+    checked = []
+    with publish(path, verify=lambda temp: checked.append(Path(temp).read_bytes())) as staged:
+        assert Path(staged.temp).parent == tmp_path and ".tmp-" in staged.temp
+        staged.open().write(b"new")
+    assert checked == [b"new"] and path.read_bytes() == b"new"
+
+    def refuse(temp: str) -> None:
+        raise FileExistsError("no")
+
+    for verify, block_error in ((refuse, None), (None, KeyboardInterrupt)):
+        with pytest.raises((FileExistsError, KeyboardInterrupt)):
+            with publish(path, verify=verify) as staged:
+                staged.open().write(b"newer")
+                if block_error is not None:
+                    raise block_error
+        assert path.read_bytes() == b"new" and _stray(tmp_path) == []
+    (tmp_path / f".x.tmp-{os.getpid()}").write_bytes(b"left by a killed run")  # removed first
+    with publish(path) as staged:
+        staged.open().write(b"newest")
+    assert path.read_bytes() == b"newest" and _stray(tmp_path) == []

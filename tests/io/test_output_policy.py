@@ -19,25 +19,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from flowmc.cli import main
-from flowmc.flows.flow import FlowConfig, build_flow
-from flowmc.io.checkpoint import claim_output, save_checkpoint
+from flowmc.io.checkpoint import claim_output
 from flowmc.io.ensemble import EnsembleWriter, check_output, open_ensemble
-from flowmc.lattice.action import Phi4Action
+from tests.helpers import save_small_flow
 
 PKG_DIR = Path(__file__).resolve().parents[2] / "flowmc"
 C, L = 2, (4, 4)
-
-
-def _model(path: Path) -> Path:
-    torch.manual_seed(0)
-    flow = build_flow(FlowConfig(L, n_layers=2, hidden=(4,), prior_sigma=0.6))
-    for p in flow.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    save_checkpoint(path, flow, Phi4Action(-1.0, 1.0, L), symmetric=False)
-    return path
 
 
 def _ensemble(path: Path, n: int = 3) -> Path:
@@ -118,7 +107,7 @@ def test_resume_of_a_file_without_committed_state_is_one_line(
 ) -> None:
     """Legacy stubs: an n = 0 ensemble without state (older flowmc), an empty file, and an
     HDF5 superblock only. Failed before: LookupError / h5py tracebacks."""
-    model = _model(tmp_path / "m.pt")
+    model = save_small_flow(tmp_path / "m.pt")
     stub = tmp_path / "stub.h5"
     assert _sample(model, stub) == 0
     with h5py.File(stub, "r+") as f:  # as left by an older flowmc killed before its 1st commit
@@ -141,7 +130,7 @@ def test_resume_of_a_file_without_committed_state_is_one_line(
 
 def test_device_failure_leaves_no_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Failed before: ``--device meta`` raised a traceback after creating a stub file."""
-    model = _model(tmp_path / "m.pt")
+    model = save_small_flow(tmp_path / "m.pt")
     assert _sample(model, tmp_path / "d.h5", "--device", "meta") == 2
     assert "Expected --device cpu, cuda, cuda:N or mps; got 'meta'" in _one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
@@ -158,7 +147,7 @@ def test_force_never_replaces_what_the_command_did_not_write(
     Failed before: ``--out /dev/null --force`` unlinked the device node, and a checkpoint, a
     text file, a fifo or a symlinked ensemble elsewhere were replaced silently.
     """
-    model = _model(tmp_path / "m.pt")
+    model = save_small_flow(tmp_path / "m.pt")
     target = _ensemble(tmp_path / "elsewhere.h5")
     text = tmp_path / "notes.h5"
     text.write_text("my data\n")
@@ -248,7 +237,7 @@ def test_concurrent_sample_runs_and_ctrl_c(tmp_path: Path, capsys: pytest.Captur
 
     Failed before: both printed success (one run's data lost); Ctrl-C gave a traceback.
     """
-    model = _model(tmp_path / "m.pt")
+    model = save_small_flow(tmp_path / "m.pt")
     out = _ensemble(tmp_path / "run.h5")  # an old ensemble that --force replaces
     old_inode = out.stat().st_ino
     args = ["--model", str(model), "--batch", "64", "--chains", "2", "--seed", "3", "--quiet",

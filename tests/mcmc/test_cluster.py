@@ -29,7 +29,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chi2 as chi2_dist
-from scipy.stats import norm
 
 from flowmc.analysis.autocorr import gamma_analysis
 from flowmc.lattice.action import Phi4Action
@@ -37,25 +36,11 @@ from flowmc.mcmc import cluster as CL
 from flowmc.mcmc import hmc as H
 from flowmc.mcmc.kernel import CycleState, cycle
 from flowmc.mcmc.rng import ChainRNG
+from tests.helpers import bonferroni as _bonferroni
+from tests.helpers import gen as _gen
 
 DT = torch.float64
 ALPHA = 0.01
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _bonferroni(m: int, alpha: float = ALPHA) -> float:
-    return float(norm.ppf(1 - alpha / (2 * m)))
 
 
 def _kernel_with_bond_factor(action, bond_factor, **kw):

@@ -10,33 +10,18 @@ import math
 
 import pytest
 import torch
-from scipy.stats import norm
 
 from flowmc.lattice.action import Phi4Action
 from flowmc.mcmc import hmc as H
+from tests.helpers import bonferroni as _bonferroni
+from tests.helpers import gen as _gen
 
 DT = torch.float64
 INTEGRATORS = {"leapfrog": H.leapfrog, "omelyan": H.omelyan}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _hamiltonian(action, phi, pi):
     return H.kinetic_energy(pi) + action(phi)
-
-
-def _bonferroni(m: int, alpha: float = 0.01) -> float:
-    return float(norm.ppf(1 - alpha / (2 * m)))
 
 
 def _thermalised(action, num_chains, seed, step_size=0.1, num_steps=10, num_iter=50):

@@ -17,6 +17,7 @@ from flowmc.io.ensemble import EnsembleWriter, open_ensemble
 from flowmc.lattice.action import Phi4Action
 from flowmc.lattice.observables import ising_energy
 from flowmc.sampling.run import SCALARS, HMCSettings, RunConfig, run_ensemble
+from tests.helpers import ensemble_dump as _dump
 
 ALPHA = 0.01
 HMC_SCALARS = SCALARS["hmc"]
@@ -40,18 +41,6 @@ def _z_crit(m: int, dof: int | None = None) -> float:
     """
     q = 1 - ALPHA / (2 * m)
     return float(norm.ppf(q) if dof is None else student_t.ppf(q, dof))
-
-
-def _dump(path: Path) -> dict[str, bytes]:
-    with open_ensemble(path) as ens:
-        out = {f"scalars/{k}": ens.scalar(k).tobytes() for k in ens.scalar_names}
-        if ens.has_configs:
-            out["configs"] = np.asarray(ens.configs).tobytes()
-        arrays, attrs = ens.load_state()
-        out.update({f"state/{k}": v.tobytes() for k, v in arrays.items()})
-        out["state_attrs"] = repr(sorted(attrs.items())).encode()
-        out["n"] = str(ens.n).encode()
-    return out
 
 
 def _chain_mean_z(x: np.ndarray, truth: float) -> tuple[float, float, float]:

@@ -17,41 +17,18 @@ import pytest
 import torch
 
 from flowmc.cli import main
-from flowmc.flows.flow import FlowConfig, Z2SymmetricFlow, build_flow
-from flowmc.io.checkpoint import load_checkpoint, load_model, save_checkpoint
+from flowmc.flows.flow import Z2SymmetricFlow
+from flowmc.io.checkpoint import load_checkpoint, load_model
 from flowmc.io.ensemble import EnsembleWriter, file_sha256, open_ensemble
 from flowmc.lattice.action import Phi4Action
 from flowmc.mcmc.rng import ChainRNG, chain_seed, run_generator
+from flowmc.sampling.protocol import FlowSampler, Sampler, TunedSampler
 from flowmc.sampling.run import SCALARS, HMCSettings, RunConfig, adapted_model_path, run_ensemble
+from flowmc.sampling.samplers import FlowIMHSampler, HMCSampler, HybridSampler
 from flowmc.training.adapt import AdaptConfig
+from tests.helpers import ensemble_dump as _dump
 
 SHAPE = (4, 4)
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        flow = build_flow(FlowConfig(SHAPE, n_layers=2, hidden=(4,), prior_sigma=0.6))
-        for p in flow.parameters():
-            torch.nn.init.normal_(p, std=0.05)
-    save_checkpoint(path, flow, Phi4Action(-1.0, 1.0, SHAPE), symmetric=True,
-                    meta={"training_time_s": 12.5, "recipe": "test"})  # fmt: skip
-    return path
-
-
-def _dump(path: Path) -> dict[str, bytes]:
-    """Every committed byte that a resumed run must reproduce."""
-    with open_ensemble(path) as ens:
-        out = {f"scalars/{k}": ens.scalar(k).tobytes() for k in ens.scalar_names}
-        if ens.has_configs:
-            out["configs"] = np.asarray(ens.configs).tobytes()
-        arrays, attrs = ens.load_state()
-        out.update({f"state/{k}": v.tobytes() for k, v in arrays.items()})
-        out["state_attrs"] = repr(sorted(attrs.items())).encode()
-        out["n"] = str(ens.n).encode()
-    return out
 
 
 def _columns(path: Path) -> dict[str, np.ndarray]:
@@ -127,6 +104,39 @@ def test_flow_chains_independent_of_chain_count(
 
 
 # ------------------------------------------------------------------------------ hybrid
+
+
+@pytest.mark.parametrize("name", ["flow-imh", "hmc", "hybrid"])
+def test_each_sampler_declares_its_scalars(
+    tmp_path: Path, model_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """The driver's seam: every sampler has the members of the protocols it implements, and
+    its ``scalars`` are the keys of its rows, in order, and the datasets of its files (the
+    driver keeps no list of its own; SCALARS is derived)."""
+    cls = {s.name: s for s in (FlowIMHSampler, HMCSampler, HybridSampler)}[name]
+    protocols = [Sampler] + [p for p, kinds in ((TunedSampler, ("hmc", "hybrid")),
+                             (FlowSampler, ("flow-imh", "hybrid"))) if name in kinds]  # fmt: skip
+    for proto in protocols:
+        members = {k for k in vars(proto) if not k.startswith("_")} | set(
+            getattr(proto, "__annotations__", {}))
+        for member in members - {"model", "sub_steps"}:  # set per instance
+            assert hasattr(cls, member), (name, proto.__name__, member)
+    seen = []
+    rows = cls.rows
+
+    def spy(self, *args: object) -> tuple:
+        out = rows(self, *args)
+        seen.append(tuple(out[0]))
+        return out
+
+    monkeypatch.setattr(cls, "rows", spy)
+    config = RunConfig(n=4, chains=2, batch=2, hmc_traj=0 if name == "flow-imh" else 1,
+                       hmc=HMCSettings(warmup=2, step_size=0.2))  # fmt: skip
+    kw = {"action": Phi4Action(-1.0, 1.0, SHAPE)} if name == "hmc" else {"model": model_path}
+    run_ensemble(tmp_path / "s.h5", config, progress=False, **kw)
+    assert seen and set(seen) == {cls.scalars} and SCALARS[name] == cls.scalars
+    with open_ensemble(tmp_path / "s.h5") as ens:
+        assert ens.sampler["name"] == name and ens.scalar_names == cls.scalars
 
 
 def test_hybrid_cli_writes_valid_ensemble(
@@ -331,3 +341,48 @@ def test_config_errors() -> None:
     with pytest.raises(ValueError, match="no flow to adapt"):
         run_ensemble("x.h5", RunConfig(n=5, adapt=AdaptConfig(steps=1)),
                      action=Phi4Action(1.0, 0.0, SHAPE))  # fmt: skip
+
+
+def test_driver_parts(tmp_path: Path, model_path: Path) -> None:
+    """run_ensemble's parts, each on its own: the sampler the arguments ask for, a new run's
+    refusal before any warm-up, and a resume that restores the last commit."""
+    from flowmc.sampling import run as run_module
+
+    cpu = torch.device("cpu")
+    config = RunConfig(n=6, chains=2, batch=2, chunk=2, hmc=HMCSettings(warmup=2, step_size=0.2))
+    action = Phi4Action(-1.0, 1.0, SHAPE)
+    with pytest.raises(ValueError, match="Expected an action for an HMC run"):
+        run_module._make_sampler(config, None, None, None, cpu, None, None)
+    sampler, lmodel, act, sha, device = run_module._make_sampler(
+        config, model_path, None, None, cpu, None, None)
+    assert isinstance(sampler, FlowIMHSampler) and act == lmodel.action and len(sha) == 64
+    with pytest.raises(ValueError, match="Expected the model's action"):
+        run_module._make_sampler(config, model_path, Phi4Action(-2.0, 1.0, SHAPE), None, cpu,
+                                 None, None)  # fmt: skip
+
+    out = tmp_path / "r.h5"
+    out.write_bytes(b"not an ensemble")
+    hmc_sampler = run_module._make_sampler(config, None, action, None, cpu, None, None)[0]
+    started = []
+    hmc_sampler.start = lambda rng: started.append(1)  # type: ignore[method-assign]
+    files = run_module._Files(out, SHAPE, action.params(), True, "float32", None)
+    with pytest.raises(FileExistsError, match="Refusing to overwrite"):
+        run_module._begin(files, hmc_sampler, ChainRNG(0, range(2)), config, None, "",
+                          force=False, meta=None, command_line="x")  # fmt: skip
+    assert started == []  # refused before the warm-up
+
+    out.unlink()
+    run_ensemble(out, replace(config, n=4), action=action, progress=False)
+    with open_ensemble(out) as ens:
+        arrays, attrs = ens.load_state()
+    sampler = run_module._make_sampler(config, None, action, None, cpu, None, None)[0]
+    rng, ctr = ChainRNG(0, range(2)), run_module.Counters(2)
+    writer, state, steps_done, block_start = run_module._resume(
+        files, sampler, rng, ctr, config, None, "", cpu)
+    try:
+        assert (steps_done, block_start, writer.n) == (attrs["steps_done"], attrs["block_start"], 4)
+        assert np.array_equal(state.phi.numpy(), arrays["phi"]) and sampler.step_size == 0.2
+        assert np.array_equal(rng.get_state(), arrays["rng"])
+        assert ctr.totals["n_accepted"] == attrs["n_accepted"]
+    finally:
+        writer.close()

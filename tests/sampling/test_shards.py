@@ -26,7 +26,6 @@ import contextlib
 import io
 import os
 import shutil
-import socket
 import sys
 import time
 import traceback
@@ -42,14 +41,13 @@ import torch.multiprocessing as mp
 from flowmc.analysis.compare import ensemble_cost
 from flowmc.analysis.ensemble import analyze
 from flowmc.cli import main
-from flowmc.flows.flow import FlowConfig, build_flow
-from flowmc.io.checkpoint import save_checkpoint
 from flowmc.io.ensemble import EnsembleWriter, open_ensemble
 from flowmc.io.join import join_shards, shard_dir, shard_path
 from flowmc.lattice.action import Phi4Action
 from flowmc.sampling.run import HMCSettings, RunConfig, run_ensemble
 from flowmc.sampling.shards import chain_blocks
 from flowmc.training.adapt import AdaptConfig
+from tests.helpers import free_port as _free_port
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -67,12 +65,6 @@ HYBRID = RunConfig(n=8, chains=4, seed=6, batch=4, hmc_traj=2, hmc=HMCSettings(w
 CLI_HMC = ["hmc", "--L", "4", "--m2", "-4", "--lam", "8", "--n", "6", "--chains", "4",
            "--warmup", "5", "--seed", "3", "--quiet"]  # fmt: skip
 KW = {"config_dtype": "float64", "progress": False}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, ports: list[int], tmp: str, model: str) -> None:
@@ -168,19 +160,6 @@ def _job(rank: int, ports: list[int], tmp: Path, model: Path) -> None:
         probe["foreign_resume"] = _error(lambda: run("other.h5", replace(small, n=4),
                                                      action=ACTION, resume=True))  # fmt: skip
     torch.save(probe, tmp / f"probe{rank}.pt")
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        flow = build_flow(FlowConfig(SHAPE, n_layers=2, hidden=(4,), prior_sigma=0.6))
-        for p in flow.parameters():
-            torch.nn.init.normal_(p, std=0.05)
-    save_checkpoint(path, flow, Phi4Action(-1.0, 1.0, SHAPE), symmetric=True,
-                    meta={"training_time_s": 12.5, "recipe": "test"})  # fmt: skip
-    return path
 
 
 @pytest.fixture(scope="module")

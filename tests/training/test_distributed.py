@@ -22,7 +22,6 @@ import contextlib
 import io
 import math
 import os
-import socket
 import sys
 import time
 import traceback
@@ -39,6 +38,7 @@ from flowmc.io.checkpoint import load_checkpoint
 from flowmc.lattice.action import Phi4Action
 from flowmc.training.train import TrainConfig, Trainer, step_generator
 from flowmc.training.workflow import train_flow
+from tests.helpers import free_port as _free_port
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -54,12 +54,6 @@ FLOW_CFG = FlowConfig((L, L), n_layers=2, hidden=(4,))
 GRAD_CASES = [("reparam", False), ("path", False), ("reparam", True), ("path", True)]
 CLI_ARGS = ["--L", str(L), "--m2", "-4", "--lam", "8", "--layers", "2", "--hidden", "4",
             "--batch", str(BATCH), "--dtype", "float64", "--seed", "3", "--quiet"]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CNF_CFG = FlowConfig((L, L), n_layers=1, coupling="cnf", momentum=True,

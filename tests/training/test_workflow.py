@@ -240,3 +240,46 @@ def test_staged_pipeline_transfers_and_resumes(tmp_path):
     assert out.exists() and first.stat().st_mtime_ns == before  # stage 0 was not retrained
     with pytest.raises(ValueError, match="last stage"):
         train_staged(Phi4Action(-4.0, 8.0, (6, 6)), out=tmp_path / "x.pt", stages=stages)
+
+
+def test_the_three_start_modes_on_their_own(tmp_path, capsys):
+    """train_flow's start modes, each alone: a new flow drawn from the seed, a resumed one (its
+    action, weights, dtype and trainer state), a stage from an ancestor on a larger lattice."""
+    from flowmc.training import workflow
+
+    action = Phi4Action(-4.0, 8.0, (4, 4))
+    new = workflow._start_new(action, SMALL["affine"], {}, 3, None, {"x": 1})
+    again = workflow._start_new(action, SMALL["affine"], {}, 3, None, None)
+    assert all(torch.equal(a, b) for a, b in zip(new.flow.parameters(), again.flow.parameters()))
+    assert new.trainer_state is None and new.ancestor is None and new.record == {"x": 1}
+    with pytest.raises(ValueError, match=r"Expected a flow_config for lattice \(8, 8\)"):
+        workflow._start_new(Phi4Action(-4.0, 8.0, (8, 8)), SMALL["affine"], {}, 3, None, None)
+
+    done = _trained("affine", tmp_path)
+    resumed = workflow._start_resumed(done.checkpoint, None, None, {"n_steps": 9}, None,
+                                      {"y": 2}, announce=True)  # fmt: skip
+    assert "resuming" in capsys.readouterr().err and resumed.action == action
+    assert resumed.dtype == DT and resumed.train_cfg.n_steps == 9
+    assert resumed.trainer_state["step"] == QUICK.n_steps and resumed.record["resumed_with"] == {
+        "y": 2}
+    assert all(torch.equal(a, b) for a, b in zip(resumed.flow.parameters(),
+                                                 done.flow.parameters()))  # fmt: skip
+    with pytest.raises(ValueError, match="not train_config"):
+        workflow._start_resumed(done.checkpoint, None, QUICK, {}, None, None, announce=False)
+
+    big = Phi4Action(-4.0, 8.0, (8, 8))
+    stage = workflow._start_from(done.checkpoint, big, DT, None)
+    assert stage.ancestor["sha256"] == file_sha256(done.checkpoint)
+    assert stage.flow.config.lattice_shape == (8, 8) and stage.train_cfg is None
+    trainer = workflow._make_trainer(stage._replace(train_cfg=QUICK), 0, distributed_run=False,
+                                     device=torch.device("cpu"))  # fmt: skip
+    assert isinstance(trainer, Trainer) and trainer.step_count == 0
+
+    # choosing among them: a new stage gets the recipe's hyper-parameters with the overrides
+    stage = workflow._start_stage(action, "fast", None, None, {}, None, {"n_steps": 3}, True, 0,
+                                  None, None)  # fmt: skip
+    assert stage.train_cfg.n_steps == 3 and stage.train_cfg.symmetric is True
+    with pytest.raises(ValueError, match="either resume or init_from"):
+        workflow._check_start(tmp_path / "x.pt", True, tmp_path / "y.pt", 0, {}, None)
+    with pytest.raises(ValueError, match="architecture comes from init_from"):
+        workflow._check_start(None, False, tmp_path / "y.pt", 0, {"hidden": (2,)}, None)
