@@ -16,6 +16,7 @@ from flowmc.flows.cnf import (
     _Field,
     coprime_steps,
     displacement_orbits,
+    exact_log_det,
     log_det_discrepancy,
 )
 from flowmc.flows.flow import FlowConfig, build_flow, check_integration, transfer_state_dict
@@ -37,11 +38,11 @@ def _layer(shape: tuple[int, ...] = (4, 4), scale: float = 0.3, seed: int = 0,
 def _logdet_jacobian(layer: ContinuousFlow, z: torch.Tensor, steps: int,
                      integrator: str = "rk4") -> float:
     """Exact log|det J| of the discrete ``steps``-step map at one configuration ``z (*L)``."""
-    shape = z.shape
-    jac = torch.autograd.functional.jacobian(
-        lambda v: layer.integrate(v.view(1, *shape), steps=steps, integrator=integrator)[0]
-        .flatten(), z.flatten())  # fmt: skip
-    return float(torch.linalg.slogdet(jac).logabsdet)
+    old, layer.integrator = layer.integrator, integrator
+    try:
+        return float(exact_log_det(layer, z.unsqueeze(0), steps=steps)[0])
+    finally:
+        layer.integrator = old
 
 
 def test_orbits_are_the_point_group_orbits() -> None:
@@ -320,3 +321,28 @@ def test_continuous_flow_everywhere_a_flow_works(tmp_path) -> None:  # noqa: ANN
                  *common]) == 0  # fmt: skip
     assert main(["train", "--init-from", str(model), "--L", "8", "--steps", "2",
                  "--batch", "8", "--out", str(tmp_path / "c8.pt"), *common]) == 0  # fmt: skip
+
+
+def test_bench_cnf_script_smoke(tmp_path) -> None:  # noqa: ANN001
+    """scripts/bench_cnf.py end to end on a 4x4 continuous flow (JSON with every section)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from flowmc.cli import main
+
+    model = tmp_path / "m.pt"
+    assert main(["train", "--L", "4", "--m2", "-4", "--lam", "8", "--recipe", "cnf", "--steps",
+                 "2", "--batch", "8", "--cnf-freq", "4", "--cnf-channels", "3", "--quiet",
+                 "--threads", "1", "--out", str(model)]) == 0  # fmt: skip
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_cnf.py"
+    spec = importlib.util.spec_from_file_location("bench_cnf_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "b.json"
+    assert mod.main(["--model", str(model), "--n", "64", "--eval-batch", "32",
+                     "--n-discrepancy", "8", "--n-exact", "1", "--steps", "10", "--batch", "8",
+                     "--repeats", "1", "--json", str(out)]) == 0  # fmt: skip
+    rec = json.loads(out.read_text())["models"][0]
+    assert [c["int_steps"] for c in rec["cost"]] == [10, 20]
+    assert len(rec["discrepancy"]) == 2 and abs(rec["exact"][0]["ell_minus_exact"][0]) < 1e-3
