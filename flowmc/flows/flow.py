@@ -29,7 +29,7 @@ from flowmc.lattice.action import check_field
 
 __all__ = [
     "Flow", "FlowAt", "FlowConfig", "build_flow", "Z2SymmetricFlow", "transfer_state_dict",
-    "check_integration", "CNF_SETTINGS",
+    "check_integration", "base_flow", "CNF_SETTINGS",
 ]
 
 
@@ -499,6 +499,19 @@ class Z2SymmetricFlow(nn.Module):
         )
 
 
+def base_flow(proposal: nn.Module) -> tuple[Flow | None, float | None]:
+    """The :class:`Flow` under a proposal (:class:`FlowAt`, :class:`Z2SymmetricFlow`, or the flow
+    itself) and the coupling a conditional one is used at; ``(None, None)`` for any other
+    density (which then has no continuous layers to check)."""
+    lam, flow = None, proposal
+    while not isinstance(flow, Flow):
+        lam = getattr(flow, "lam", lam)
+        flow = getattr(flow, "flow", None)
+        if flow is None:
+            return None, None
+    return flow, lam
+
+
 def check_integration(
     proposal: nn.Module,
     name: str = "the flow",
@@ -523,12 +536,8 @@ def check_integration(
     Raises:
         ValueError: one line naming the flow, the measured discrepancy and the remedy.
     """
-    lam = None
-    flow = proposal
-    while not isinstance(flow, Flow):
-        lam = getattr(flow, "lam", lam)
-        flow = flow.flow
-    found = flow.integration_discrepancy(n, lam=lam)
+    flow, lam = base_flow(proposal)
+    found = [] if flow is None else flow.integration_discrepancy(n, lam=lam)
     for d in found:
         if not d.rms <= tolerance:
             raise ValueError(

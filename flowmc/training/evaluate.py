@@ -31,7 +31,7 @@ import torch
 from flowmc.analysis.autocorr import kish_ess
 from flowmc.analysis.diagnostics import Z2_SIGMA, SignBalance, binomial_error, sign_balance_rule
 from flowmc.flows.cnf import DISCREPANCY_TOLERANCE
-from flowmc.flows.flow import Flow
+from flowmc.flows.flow import base_flow
 from flowmc.lattice.action import Phi4Action
 from flowmc.mcmc import imh
 
@@ -293,10 +293,9 @@ def evaluate_model(
 def integration_report(proposal: torch.nn.Module, n: int = 256) -> list[dict[str, Any]]:
     """The log-density discrepancy of each continuous layer of ``proposal`` on ``n`` draws, with
     the tolerance ``flowmc sample`` applies (``[]`` for a flow without continuous layers)."""
-    flow, lam = proposal, None
-    while not isinstance(flow, Flow):
-        lam = getattr(flow, "lam", lam)
-        flow = flow.flow
+    flow, lam = base_flow(proposal)
+    if flow is None:
+        return []
     return [
         {**d._asdict(), "tolerance": DISCREPANCY_TOLERANCE,
          "within": bool(d.rms <= DISCREPANCY_TOLERANCE)}
