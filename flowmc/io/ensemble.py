@@ -184,11 +184,19 @@ def _decode(value: Any) -> Any:
     return value
 
 
+def _shards_hint(path: str) -> str:
+    from flowmc.io.identity import shards_hint  # what ens.shards/ holds (a join never written)
+
+    return shards_hint(path)
+
+
 def _open_h5(path: str, mode: str) -> h5py.File:
     """Open ``path`` with h5py, turning every low-level failure into a clear error."""
     _require_h5py()
     if not os.path.exists(path):
-        raise FileNotFoundError(f"No flowmc ensemble at {path!r}: file does not exist")
+        raise FileNotFoundError(
+            f"No flowmc ensemble at {path!r}: file does not exist{_shards_hint(path)}"
+        )
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a directory, not a flowmc ensemble file")
     try:
@@ -810,8 +818,9 @@ class EnsembleWriter:
             raise ValueError(f"Unknown expect keys {sorted(unknown)}; allowed: {list(EXPECT_KEYS)}")
         if not os.path.exists(path):
             raise FileNotFoundError(
-                f"No flowmc ensemble at {path!r} to resume: file does not exist (a run stopped "
-                "before its first commit leaves nothing; start it again without --resume)"
+                f"No flowmc ensemble at {path!r} to resume: file does not exist"
+                + (_shards_hint(path) or " (a run stopped before its first commit leaves "
+                   "nothing; start it again without --resume)")
             )
         if not os.path.isfile(path):
             raise ValueError(f"{path!r} is not a regular file, so not a flowmc ensemble")
