@@ -633,3 +633,51 @@ def test_compare_warns_about_a_join_and_its_shard(tmp_path: Path) -> None:
     join_shards(out)
     found = dependent_pairs([out, shard_path(out, 1, 2)])
     assert len(found) == 1 and "shard" in found[0] and "not independent" in found[0]
+
+
+# ================================================================= scripts (sites 12, 13)
+
+
+def _script(name: str):  # noqa: ANN202
+    import importlib.util
+
+    mod_name = f"flowmc_{name}_script"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tutorial_refuses_a_foreign_conditional_flow(tmp_path: Path) -> None:
+    """scripts/tutorial.py reuses ``conditional_L<L>.pt`` of an earlier run. Failed before: any
+    checkpoint there was used (here: conditioned on another range)."""
+    tut = _script("tutorial")
+    P = tut.QUICK
+    (tmp_path / "work").mkdir()
+    lo, hi = P.scan_range
+    _flow(tmp_path / "work" / "conditional_L2.pt", L=2, m2=P.m2, lam=(lo + hi) / 2,
+          cond=(lo, hi + 1.0))  # fmt: skip
+    with pytest.raises(ValueError) as exc:
+        tut.step_scan(P, tmp_path / "out", tmp_path / "work")
+    assert "conditional_L2.pt: condition is [3.5, 6.0], this run needs [3.5, 5.0]" in _single(exc)
+    assert not (tmp_path / "work" / "scan").exists()
+
+
+def test_bench_hybrid_refuses_a_foreign_flow(tmp_path: Path) -> None:
+    """scripts/bench_hybrid.py reuses ``models/<point>.pt`` unless --force. Failed before: only
+    its action was compared (another recipe or seed was used as if it were this run's)."""
+    import argparse
+
+    bench = _script("bench_hybrid")
+    point = next(iter(bench.POINTS.values()))
+    out = tmp_path / "models" / f"{point.name}.pt"
+    out.parent.mkdir()
+    L = point.action().lattice_shape[0]
+    _flow(out, L=L, m2=point.action().m2, lam=point.action().lam)  # recipe None, seed None
+    args = argparse.Namespace(models={}, out_dir=tmp_path, force=False, recipe="default", seed=0)
+    with pytest.raises(ValueError) as exc:
+        bench.get_model(point, args)
+    assert f"{out}: recipe is None, this run needs 'default'" in _single(exc)

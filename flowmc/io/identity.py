@@ -31,6 +31,7 @@ __all__ = [
     "TUNED",
     "checkpoint_identity",
     "check_adapted",
+    "check_checkpoint",
     "check_condition",
     "check_identity",
     "check_stage",
@@ -187,6 +188,20 @@ def checkpoint_identity(ckpt: Mapping[str, Any]) -> dict[str, Any]:
         "dtype": meta.get("dtype", "float32"),
         "init_from": (meta.get("init_from") or {}).get("sha256"),
     })  # fmt: skip
+
+
+def check_checkpoint(path: str | os.PathLike[str], expected: Mapping[str, Any], *,
+                     hint: str = "it is not the flow this run would train; move it away"
+                     ) -> dict:  # fmt: skip
+    """Load a checkpoint that a workflow reuses instead of training it, refusing it unless its
+    identity (:func:`checkpoint_identity`; ``action`` and ``flow_config`` compared on
+    ``expected``'s keys) has every field of ``expected``; returns the checkpoint."""
+    from flowmc.io.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    check_identity(path, checkpoint_identity(ckpt), expected, hint=hint,
+                   partial=("action", "flow_config", "flow_config.extra"))  # fmt: skip
+    return ckpt
 
 
 def check_condition(path: str | os.PathLike[str], ckpt: Mapping[str, Any],
