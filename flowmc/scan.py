@@ -16,7 +16,10 @@ other settings is refused), one ensemble per point ``L<L>_lam<λ>.h5`` (the usua
 ``docs/ensemble-format.md``), the flow's :math:`\log\hat Z` per point ``L<L>_lam<λ>.logz.json``,
 and the results: ``summary.json``, ``summary.csv`` and the plots ``chi2.png``, ``binder.png``,
 ``xi2_over_L.png``, ``free_energy.png`` (:mod:`flowmc.report`). A directory holding anything
-else is refused; one scan at a time may write it (a lock on the manifest).
+else (or a symbolic link) is refused; one scan at a time may write it (a lock on the manifest).
+A file under a point's name is reused only if it is that point of this scan — lattice, action,
+sampler and settings, flow, seed and the scan's ``id`` (:mod:`flowmc.io.identity`) — checked
+before anything is sampled and before it is analysed.
 
 **Resume.** Rerunning the same scan skips finished points, resumes an interrupted one
 (:func:`flowmc.sampling.run.run_ensemble` with ``resume=True``, bit-identical to an uninterrupted
@@ -730,9 +733,9 @@ def _ensure_logz(
         except (OSError, ValueError):
             old = {}
         if old:
-            _check_logz(target, old, key)
-        if old.get("key") == key:
-            return
+            _check_logz(target, old, key)  # this point's (else refused); same draws: reused
+            if all((old.get("key") or {}).get(k) == key[k] for k in ("n", "batch")):
+                return
     model = load_model(path, device=device, dtype=dtype, lam=lam)
     gen = torch.Generator(device=device).manual_seed(seed)
     res = flow_free_energy(model.proposal, model.action, options.logz_n,
