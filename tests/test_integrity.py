@@ -593,11 +593,16 @@ def test_nonfinite_data_names_file_observable_and_row(
     out = tmp_path / "e.h5"
     run_ensemble(out, RunConfig(n=20, chains=3, hmc=HMC), action=Phi4Action(-1.0, 0.5, (2, 2)),
                  progress=False)  # fmt: skip
+    ok = tmp_path / "ok.h5"
+    shutil.copy(out, ok)
     with h5py.File(out, "r+") as f:
         f["scalars/action"][7, 2] = np.nan
     assert _main(["analyze", str(out), "--discard", "2"]) == 2
     err = _one_line(capsys, "analyze")
     assert f"{str(out)!r}" in err and "'action'" in err and "chain 2, row 7" in err, err
+    with h5py.File(ok, "r+") as f:  # positive control: a divergent trajectory's Delta H = inf
+        f["scalars/delta_h"][7, 2] = np.inf
+    assert _main(["analyze", str(ok)]) == 0
 
 
 def test_compare_warns_about_dependent_samples(tmp_path: Path,

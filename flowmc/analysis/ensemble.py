@@ -912,8 +912,11 @@ def _short_warning(short: dict[str, GammaResult]) -> str | None:
 
 def _check_finite(meas: Measurements) -> None:
     """Refuse non-finite data before any estimate, naming the file, the series, the chain and
-    the row (0-based, counted in the file) of the first NaN or inf."""
-    named = {**{k: v for k, v in meas.scalars.items() if v.dtype != bool}, **meas.series}
+    the row (0-based, counted in the file) of the first NaN or inf. Checked: the stored action
+    and magnetisation and every measured observable (``delta_h`` may be infinite: a divergent
+    trajectory, handled by its diagnostic)."""
+    stored = {k: meas.scalars[k] for k in ("action", "magnetization") if k in meas.scalars}
+    named = {**stored, **meas.series}
     for name, values in named.items():
         arr = np.asarray(values)
         if arr.ndim != 2 or np.all(np.isfinite(arr)):
