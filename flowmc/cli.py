@@ -28,7 +28,16 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(flowmc.__file__))
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line (exit 2), like every user error."""
+    """An ``ArgumentParser`` whose usage errors are one line (exit 2), like every user error.
+
+    Options must be spelled in full: an abbreviation (``--thread`` for ``--threads``) is an
+    unrecognized argument, so that a typo, or an option a later version adds, never changes
+    which option a command line sets.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -139,6 +148,8 @@ def interrupted_message(args: argparse.Namespace | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun -m flowmc -- CMD ...` passes the separator on
+        argv = argv[1:]
     parser, commands = build_parser()
     if not argv or argv[0] not in commands:
         parser.parse_args(argv or ["--help"])  # prints help / version / the usage error

@@ -32,7 +32,9 @@ else:  # pragma: no cover
 
 __all__ = [
     "add_common_options",
+    "given",
     "parse_with_config",
+    "refuse_unused",
     "resolve_device",
     "resolve_dtype",
     "DTYPES",
@@ -41,6 +43,8 @@ __all__ = [
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Attribute of a parsed namespace: the options the user gave (:func:`given`).
+GIVEN = "_given"
 
 
 class IntRange:
@@ -255,9 +259,12 @@ def parse_with_config(
             type or out of range (one line: file, key, expected, got).
         SystemExit: (through argparse) on bad command-line flags.
     """
-    args, _ = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # a typo (--fllip) or an option of another command: never dropped silently
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     cfg_path = getattr(args, "config", None)
     if cfg_path is None:
+        setattr(args, GIVEN, _explicit(parser, argv))
         return args
     data = _read_toml(Path(cfg_path))
     known = dict(sections or {})
@@ -282,14 +289,62 @@ def parse_with_config(
         if name == section:
             values.update(checked)
     parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    setattr(args, GIVEN, _explicit(parser, argv) | set(values))
+    return args
+
+
+def _explicit(parser: argparse.ArgumentParser, argv: list[str] | None) -> frozenset[str]:
+    """The destinations ``argv`` sets on the command line (a value equal to the default
+    included): parsed into a namespace that holds a sentinel for every option."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions
+                               if a.dest != argparse.SUPPRESS})  # fmt: skip
+    parser.parse_known_args(argv, ns)
+    return frozenset(k for k, v in vars(ns).items() if v is not unset)
+
+
+def given(args: argparse.Namespace, dest: str) -> bool:
+    """Whether the user set option ``dest`` (on the command line or in ``--config``), whatever
+    its value; ``False`` for a namespace that was not parsed by :func:`parse_with_config`."""
+    return dest in getattr(args, GIVEN, ())
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def refuse_unused(args: argparse.Namespace, flags: list[str], says: str) -> None:
+    """Refuse options that do nothing in the chosen mode, in one line that says why.
+
+    Args:
+        args: the parsed options.
+        flags: the options (``"--flip"``), in the order the message lists them.
+        says: the rest of the sentence for one option, starting with ``needs``, ``has`` or
+            ``does`` (``"needs --hmc-traj K >= 1 (the hybrid)"``); for several options its first
+            word becomes ``need``, ``have`` or ``do``.
+
+    Raises:
+        ValueError: ``--a, --b need MODE`` if the user gave any of ``flags`` (on the command
+            line or in ``--config``, whatever the value).
+    """
+    got = [f for f in flags if given(args, _dest(f))]
+    if not got:
+        return
+    if len(got) > 1:
+        head, _, tail = says.partition(" ")
+        says = f"{_PLURAL.get(head, head)} {tail}"
+    raise ValueError(f"{', '.join(got)} {says}")
+
+
+_PLURAL = {"needs": "need", "has": "have", "does": "do"}
 
 
 def resolved(args: argparse.Namespace) -> dict[str, Any]:
     """The resolved options as a JSON-serialisable dict."""
     out = {}
     for k, v in vars(args).items():
-        if k in ("func",) or callable(v):
+        if k in ("func", GIVEN) or callable(v):
             continue
         out[k] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
     return out

@@ -16,7 +16,10 @@ other settings is refused), one ensemble per point ``L<L>_lam<λ>.h5`` (the usua
 ``docs/ensemble-format.md``), the flow's :math:`\log\hat Z` per point ``L<L>_lam<λ>.logz.json``,
 and the results: ``summary.json``, ``summary.csv`` and the plots ``chi2.png``, ``binder.png``,
 ``xi2_over_L.png``, ``free_energy.png`` (:mod:`flowmc.report`). A directory holding anything
-else is refused; one scan at a time may write it (a lock on the manifest).
+else (or a symbolic link) is refused; one scan at a time may write it (a lock on the manifest).
+A file under a point's name is reused only if it is that point of this scan — lattice, action,
+sampler and settings, flow, seed and the scan's ``id`` (:mod:`flowmc.io.identity`) — checked
+before anything is sampled and before it is analysed.
 
 **Resume.** Rerunning the same scan skips finished points, resumes an interrupted one
 (:func:`flowmc.sampling.run.run_ensemble` with ``resume=True``, bit-identical to an uninterrupted
@@ -40,6 +43,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -65,9 +69,11 @@ from flowmc.analysis.free_energy import (
 from flowmc.io.checkpoint import load_checkpoint, load_model
 from flowmc.io.durable import NameLock
 from flowmc.io.ensemble import file_sha256, open_ensemble
+from flowmc.io.identity import TUNED, check_identity, ensemble_identity, first_difference
 from flowmc.io.safeio import sniff
 from flowmc.io.shipped import resolve_model_path
 from flowmc.lattice.action import Phi4Action
+from flowmc.mcmc.rng import RNG_SCHEME
 from flowmc.sampling.run import RunConfig, run_ensemble
 
 __all__ = [
@@ -118,7 +124,7 @@ def parse_lams(spec: str | float | Sequence[float]) -> tuple[float, ...]:
 
     Raises:
         ValueError: on a malformed spec, ``N < 2``, ``LO >= HI``, negative, non-finite or
-            repeated couplings.
+            repeated couplings (checked before the grid is computed: no numpy warning).
 
     Example:
         >>> parse_lams("3.8:4.8:5")
@@ -140,6 +146,8 @@ def parse_lams(spec: str | float | Sequence[float]) -> tuple[float, ...]:
         except ValueError:
             raise ValueError(f"{want}; got {spec!r}") from None
         if len(parts) == 3:
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(f"Expected finite couplings LO:HI:N; got {spec!r}")
             if n < 2 or not lo < hi:
                 raise ValueError(f"{want} with N >= 2 and LO < HI; got {spec!r}")
             values = [float(v) for v in np.linspace(lo, hi, n)]
@@ -152,7 +160,7 @@ def parse_lams(spec: str | float | Sequence[float]) -> tuple[float, ...]:
         raise ValueError(f"{want}; got {spec!r}")
     values = [_round(v) for v in values]
     if not all(math.isfinite(v) and v >= 0 for v in values):
-        raise ValueError(f"Expected couplings lam >= 0; got {values}")
+        raise ValueError(f"Expected finite couplings lam >= 0; got {values}")
     if any(b <= a for a, b in zip(values, values[1:])):
         raise ValueError(f"Expected strictly increasing couplings; got {values}")
     return tuple(values)
@@ -506,8 +514,9 @@ def _manifest(config: ScanConfig, sizes: list[_Size], m2: float, dtype: torch.dt
     }
 
 
-#: Manifest entries that may differ between runs of one scan (``n`` may only grow).
-_FREE = ("flowmc_version", "created", "command_line", "updated")
+#: Manifest entries that may differ between runs of one scan (``n`` may only grow; ``id`` is
+#: drawn when the scan is created and kept by every rerun).
+_FREE = ("flowmc_version", "created", "command_line", "updated", "id")
 
 
 def _comparable(man: dict) -> dict:
@@ -522,16 +531,13 @@ def _comparable(man: dict) -> dict:
     return d
 
 
-def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b), key=str):
-            diff = _first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
-            if diff:
-                return diff
-        return None
-    if a != b:
-        return f"{where}: stored {a!r}, given {b!r}"
-    return None
+def _first_difference(a: dict, b: dict) -> str | None:
+    """``field: stored ..., given ...`` of the first setting that differs; the per-point table
+    (names and seeds, which follow from the others) last, so that a changed ``--seed`` reads
+    ``run.seed: stored 0, given 1``."""
+    order = sorted(set(a) | set(b), key=lambda k: (k == "points", str(k)))
+    diff = first_difference({k: a.get(k) for k in order}, {k: b.get(k) for k in order})
+    return None if diff is None else f"{diff[0]}: stored {diff[1]!r}, given {diff[2]!r}"
 
 
 # ============================================================================ the directory
@@ -595,6 +601,12 @@ def _check_directory(out: Path, man: dict) -> dict | None:
             f"{entries[0]!r}) but no scan manifest ({MANIFEST}); choose a new or empty directory"
         )
     for entry in entries:
+        if (out / entry).is_symlink():
+            raise FileExistsError(
+                f"refusing to use the scan directory {str(out)!r}: {entry!r} is a symbolic "
+                "link; a scan holds its own files (a link would make it read, or resume into, "
+                "a file of another scan); move it away"
+            )
         want = expected.get(entry)
         info = sniff(out / entry)
         if want is None or info.kind != want[0] or (want[1] is not None and info.report != want[1]):
@@ -608,6 +620,79 @@ def _check_directory(out: Path, man: dict) -> dict | None:
 def _read_json(path: Path) -> dict:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+# ============================================================================ identity of a point
+def _point_identity(man: Mapping[str, Any], p: Mapping[str, Any]) -> dict:
+    """What the ensemble of point ``p`` must be (:mod:`flowmc.io.identity`): its lattice,
+    action, sampler with the scan's settings, flow, seed and this scan's point."""
+    L, lam = int(p["L"]), float(p["lam"])
+    shape = [L] * int(man["dim"])
+    kind = man["samplers"][str(L)]
+    run = man["run"]
+    sampler: dict[str, Any] = {"name": kind, "chains": run["chains"], "first_chain": 0,
+                               "thin": run["thin"], "therm": run["therm"], "rng": RNG_SCHEME}
+    if kind in ("hmc", "hybrid"):
+        h = dict(run["hmc"])
+        sampler.update({k: h[k] for k in ("traj_length", "integrator", "target_accept",
+                                          "warmup", "flip")}, fixed_step_size=h["step_size"])
+    if kind in ("hmc", "cluster"):
+        sampler.update(start=run["start"], dtype="float64")
+    if kind == "cluster":
+        c = dict(run["cluster"])
+        sampler.update({k: c[k] for k in ("num_hits", "num_clusters", "target_accept",
+                                          "warmup")}, fixed_step_size=c["step_size"])
+    if kind in ("flow-imh", "hybrid"):
+        batch = run["batch"] or (1024 if kind == "flow-imh" else 16)
+        sampler.update(batch=batch, dtype=man["flow_dtype"], adapt=None)
+    if kind == "hybrid":
+        sampler.update(hmc_traj=run["hmc_traj"], chain_dtype="float64")
+    model = man["models"].get(str(L))
+    member = {"L": L, "lam": lam, "index": list(man["lams"]).index(lam)}
+    if man.get("id"):
+        member["id"] = man["id"]
+    return {
+        "lattice_shape": shape,
+        "action": Phi4Action(float(man["m2"]), lam, tuple(shape)).params(),
+        "sampler": sampler,
+        "model_sha256": "" if model is None else model["sha256"],
+        "seed": int(p["seed"]),
+        "scan": member,
+    }
+
+
+def _check_point(out: Path, p: Mapping[str, Any], man: Mapping[str, Any]) -> int:
+    """Refuse a point's ensemble that is not this scan's point (one line naming the file and
+    the field); its committed rows per chain."""
+    path = out / (p["name"] + ".h5")
+    stored, n = ensemble_identity(path)
+    check_identity(
+        path, stored, _point_identity(man, p), who="this scan",
+        hint=(f"it is not the ensemble of this scan's point L={p['L']} lam={p['lam']:g}; move "
+              "it away (the scan then samples the point), or choose another --out"),
+        partial=("sampler", "scan"), ignore=TUNED,
+    )  # fmt: skip
+    return n
+
+
+def _logz_identity(doc: Mapping[str, Any]) -> dict:
+    """The identity fields of a stored log Z (older files keep ``L``/``lam`` outside the key)."""
+    key = dict(doc.get("key") or {})
+    ident = {"L": key.get("L", doc.get("L")), "lam": key.get("lam", doc.get("lam"))}
+    ident.update({k: key.get(k) for k in ("model_sha256", "seed", "dtype")})
+    if key.get("scan"):
+        ident["scan"] = key["scan"]
+    return ident
+
+
+def _check_logz(path: Path, doc: Mapping[str, Any], key: Mapping[str, Any]) -> None:
+    """Refuse a stored log Z of another point, flow, seed or scan (its draws may differ: a
+    rerun with other ``--logz-n`` recomputes it)."""
+    want = _logz_identity({"key": key})
+    if not _logz_identity(doc).get("scan"):
+        want.pop("scan", None)
+    check_identity(path, _logz_identity(doc), want, who="this scan",
+                   hint="it is not this scan's log Z of the point; move it away")  # fmt: skip
 
 
 # ============================================================================ running
@@ -625,26 +710,31 @@ def _point_run(size: _Size, config: ScanConfig, index: int) -> RunConfig:
     return replace(config.run, seed=seed, hmc_traj=hmc_traj)
 
 
-def _logz_key(rec: dict, n: int, batch: int, seed: int, dtype: torch.dtype) -> dict:
-    return {"model_sha256": rec["sha256"], "n": int(n), "batch": int(batch), "seed": int(seed),
-            "dtype": str(dtype).replace("torch.", "")}  # fmt: skip
+def _logz_key(rec: dict, n: int, batch: int, seed: int, dtype: torch.dtype | str, L: int,
+              lam: float, scan_id: str | None) -> dict:  # fmt: skip
+    return {"L": int(L), "lam": float(lam), "model_sha256": rec["sha256"], "seed": int(seed),
+            "dtype": str(dtype).replace("torch.", ""), "scan": scan_id, "n": int(n),
+            "batch": int(batch)}  # fmt: skip
 
 
 def _ensure_logz(
     out: Path, size: _Size, lam: float, index: int, rec: dict, path: str, config: ScanConfig,
     options: ScanOptions, device: torch.device, dtype: torch.dtype, log: Callable[[str], None],
+    scan_id: str | None,
 ) -> None:  # fmt: skip
     """Compute (or reuse) the flow's log Z at one point, stored as ``<point>.logz.json``."""
     target = out / (point_name(size.L, lam) + _LOGZ_SUFFIX)
     seed = point_seed(config.run.seed, size.L, index, stream=1)
-    key = _logz_key(rec, options.logz_n, options.logz_batch, seed, dtype)
+    key = _logz_key(rec, options.logz_n, options.logz_batch, seed, dtype, size.L, lam, scan_id)
     if target.exists():
         try:
             old = _read_json(target)
         except (OSError, ValueError):
             old = {}
-        if old.get("key") == key:
-            return
+        if old:
+            _check_logz(target, old, key)  # this point's (else refused); same draws: reused
+            if all((old.get("key") or {}).get(k) == key[k] for k in ("n", "batch")):
+                return
     model = load_model(path, device=device, dtype=dtype, lam=lam)
     gen = torch.Generator(device=device).manual_seed(seed)
     res = flow_free_energy(model.proposal, model.action, options.logz_n,
@@ -701,7 +791,11 @@ def run_scan(
     out.mkdir(parents=True, exist_ok=True)
     lock = NameLock(out / MANIFEST).acquire()
     try:
-        _check_directory(out, man)  # again, under the lock
+        stored = _check_directory(out, man)  # again, under the lock
+        man["id"] = stored.get("id") if stored is not None else uuid.uuid4().hex
+        for p in man["points"]:  # every file to be reused, before anything is sampled
+            if (out / (p["name"] + ".h5")).exists():
+                _check_point(out, p, man)
         man["created"] = (stored or {}).get("created") or time.strftime("%Y-%m-%d %H:%M:%S")
         man["command_line"] = command_line
         report.write_json(out / MANIFEST, man, "scan-manifest")
@@ -711,15 +805,15 @@ def run_scan(
             for i, lam in enumerate(config.lams):
                 k += 1
                 _sample_point(out, size, lam, i, config, m2, device, fdtype, progress, log,
-                              f"({k}/{total})", command_line, meta)  # fmt: skip
+                              f"({k}/{total})", command_line, meta, man["id"])  # fmt: skip
                 if size.model is not None and options.logz_n:
                     _ensure_logz(out, size, lam, i, size.model_record, size.model, config,
-                                 options, device, fdtype, log)  # fmt: skip
+                                 options, device, fdtype, log, man["id"])  # fmt: skip
             if size.anchor is not None and options.logz_n:
                 for i, lam in enumerate(config.lams):
                     if lam in _served(size.anchor_record, config.lams):
                         _ensure_logz(out, size, lam, i, size.anchor_record, size.anchor, config,
-                                     options, device, fdtype, log)  # fmt: skip
+                                     options, device, fdtype, log, man["id"])  # fmt: skip
         return summarize_scan(out, options, plots=plots)
     finally:
         lock.release()
@@ -728,7 +822,7 @@ def run_scan(
 def _sample_point(
     out: Path, size: _Size, lam: float, index: int, config: ScanConfig, m2: float,
     device: torch.device, dtype: torch.dtype, progress: bool, log: Callable[[str], None],
-    counter: str, command_line: str | None, meta: Mapping[str, Any] | None,
+    counter: str, command_line: str | None, meta: Mapping[str, Any] | None, scan_id: str | None,
 ) -> None:  # fmt: skip
     path = out / (point_name(size.L, lam) + ".h5")
     cfg = _point_run(size, config, index)
@@ -749,8 +843,8 @@ def _sample_point(
         kw["action"] = Phi4Action(m2, lam, size.shape)
     run_ensemble(
         path, cfg, device=device, resume=resume, progress=progress, command_line=command_line,
-        meta={"scan": {"directory": str(out), "L": size.L, "lam": lam, "index": index},
-              **(meta or {})},
+        meta={"scan": {"directory": str(out), "L": size.L, "lam": lam, "index": index,
+                       "id": scan_id}, **(meta or {})},
         **kw,
     )  # fmt: skip
 
@@ -772,6 +866,7 @@ def _analyse_point(out: Path, p: dict, man: dict, options: ScanOptions) -> dict:
     if not path.exists():
         rec["warnings"].append("not sampled yet")
         return rec
+    _check_point(out, p, man)  # never analyse a foreign file as the point
     t0 = time.perf_counter()
     try:
         res = analyze(path, discard=options.discard, S=options.S)
@@ -811,14 +906,24 @@ def _analyse_point(out: Path, p: dict, man: dict, options: ScanOptions) -> dict:
     return rec
 
 
-def _flow_logz(out: Path, p: dict) -> dict | None:
+def _flow_logz(out: Path, p: dict, man: dict) -> dict | None:
     path = out / (p["name"] + _LOGZ_SUFFIX)
     if not path.exists():
         return None
     info = sniff(path)
     if info.kind != "json-report" or info.report != "scan-logz":
         return None
-    return _read_json(path).get("result")
+    doc = _read_json(path)
+    L = int(p["L"])
+    rec = man["models"].get(str(L)) or (man.get("anchor_models") or {}).get(str(L))
+    if rec is None:
+        raise ValueError(f"{path}: a flow's log Z, but no flow of this scan serves L={L}; move "
+                         "it away")  # fmt: skip
+    index = list(man["lams"]).index(float(p["lam"]))
+    key = _logz_key(rec, 0, 0, point_seed(man["run"]["seed"], L, index, stream=1),
+                    man["flow_dtype"], L, p["lam"], man.get("id"))  # fmt: skip
+    _check_logz(path, doc, key)
+    return doc.get("result")
 
 
 def _free_energy(size_L: int, points: list[dict], man: dict, options: ScanOptions) -> dict:
@@ -893,7 +998,7 @@ def summarize_scan(
     points = []
     for p in man["points"]:
         rec = _analyse_point(out, p, man, options)
-        rec["free_energy"] = {"flow": _flow_logz(out, p), "ti": None, "z_ti_vs_flow": None}
+        rec["free_energy"] = {"flow": _flow_logz(out, p, man), "ti": None, "z_ti_vs_flow": None}
         points.append(rec)
     warnings: list[str] = []
     free: dict[str, Any] = {}

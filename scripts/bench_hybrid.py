@@ -54,6 +54,7 @@ from flowmc.analysis.compare import ensemble_cost
 from flowmc.analysis.ensemble import analyze
 from flowmc.io.checkpoint import LoadedModel, load_model, machine_info
 from flowmc.io.ensemble import check_output, file_sha256
+from flowmc.io.identity import check_checkpoint
 from flowmc.lattice.action import Phi4Action
 from flowmc.report import check_outputs, fmt, write_json
 from flowmc.sampling.run import HMCSettings, RunConfig, run_ensemble
@@ -517,6 +518,9 @@ def get_model(point: Point, args: argparse.Namespace) -> LoadedModel:
     out = args.out_dir / "models" / f"{point.name}.pt"
     if out.exists() and not args.force:
         print(f"[{point.name}] using the flow trained earlier, {out}", flush=True)
+        check_checkpoint(out, {"action": point.action().params(), "recipe": args.recipe,
+                               "seed": args.seed},
+                         hint="not the flow this benchmark would train; --force retrains it")
         return _load(point, out)
     print(f"[{point.name}] training a flow ({args.train_steps} steps) -> {out}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)

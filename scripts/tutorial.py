@@ -33,6 +33,7 @@ from flowmc.analysis import analyze
 from flowmc.analysis.compare import compare
 from flowmc.flows.couplings import AffineCoupling, checkerboard
 from flowmc.flows.nets import PeriodicCNN
+from flowmc.io.identity import check_checkpoint
 from flowmc.sampling.run import HMCSettings, RunConfig, run_ensemble
 from flowmc.scan import ScanConfig, ScanOptions, parse_lams, run_scan
 from flowmc.training.evaluate import draw_samples, evaluate_model
@@ -401,9 +402,11 @@ def step_scan(P: Params, out: Path, work: Path) -> dict:
     lo, hi = P.scan_range
     models = {}
     for L, steps in zip(P.scan_sizes, P.scan_steps):
-        ckpt = work / f"conditional_L{L}.pt"
-        if not ckpt.exists():  # written once, at the end of the training (a rerun reuses it)
-            train_flow(Phi4Action(P.m2, (lo + hi) / 2, (L, L)), recipe="default",
+        ckpt, action = work / f"conditional_L{L}.pt", Phi4Action(P.m2, (lo + hi) / 2, (L, L))
+        if ckpt.exists():  # written once, at the end of the training: a rerun reuses it if it
+            check_checkpoint(ckpt, {"action": action.params(), "condition": [lo, hi], "seed": 0})
+        else:  # is this flow (the same action, range and seed), and refuses it otherwise
+            train_flow(action, recipe="default",
                        flow_overrides={"condition": {"lam": [lo, hi]}},  # one flow for [lo, hi]
                        train_overrides={"n_steps": steps}, seed=0, out=ckpt, checkpoint_every=0)
         models[L] = ckpt

@@ -96,8 +96,10 @@ def test_hmc_scan_writes_its_files_and_resumes(tmp_path: Path) -> None:
     with open_ensemble(victim) as ens:
         full = np.asarray(ens.configs[:])
     victim.unlink()
+    scan_id = json.loads((out / "manifest.json").read_text())["id"]  # the point's own identity
     run_ensemble(victim, RunConfig(n=10, chains=2, hmc=HMC, seed=point_seed(0, 2, 1)),
-                 action=Phi4Action(-1.0, 0.75, (2, 2)), progress=False)  # fmt: skip
+                 action=Phi4Action(-1.0, 0.75, (2, 2)), progress=False,
+                 meta={"scan": {"L": 2, "lam": 0.75, "index": 1, "id": scan_id}})  # fmt: skip
     run_scan(out, _hmc_config(), FAST, progress=False, plots=False)
     with open_ensemble(victim) as ens:
         assert ens.n == 30

@@ -153,7 +153,9 @@ def _as_replicas(data: SeriesLike, name: str = "data") -> list[np.ndarray]:
                 f"replica {i} has {r.shape[0]}"
             )
         if not np.all(np.isfinite(r)):
-            raise ValueError(f"Expected finite values in {name}; replica {i} contains NaN or inf")
+            bad = int(np.flatnonzero(~np.isfinite(r))[0])
+            raise ValueError(f"Expected finite values in {name}; replica {i} contains "
+                             f"{r[bad]} at index {bad}")  # fmt: skip
     return reps
 
 

@@ -910,6 +910,26 @@ def _short_warning(short: dict[str, GammaResult]) -> str | None:
     )
 
 
+def _check_finite(meas: Measurements) -> None:
+    """Refuse non-finite data before any estimate, naming the file, the series, the chain and
+    the row (0-based, counted in the file) of the first NaN or inf. Checked: the stored action
+    and magnetisation and every measured observable (``delta_h`` may be infinite: a divergent
+    trajectory, handled by its diagnostic)."""
+    stored = {k: meas.scalars[k] for k in ("action", "magnetization") if k in meas.scalars}
+    named = {**stored, **meas.series}
+    for name, values in named.items():
+        arr = np.asarray(values)
+        if arr.ndim != 2 or np.all(np.isfinite(arr)):
+            continue
+        row, chain = (int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+        source = "scalar" if name in meas.scalars else "measured observable"
+        raise ValueError(
+            f"{meas.path!r}: {source} {name!r} is {arr[row, chain]} in chain {chain}, row "
+            f"{row + meas.discard} (rows counted from 0 in the file): the file is damaged or "
+            "was written by a broken sampler; no error bar can be computed from it"
+        )
+
+
 # ============================================================================ entry point
 def analyze(
     path_or_ensemble: str | os.PathLike[str] | Ensemble,
@@ -956,6 +976,7 @@ def analyze(
     else:
         with open_ensemble(path_or_ensemble) as ens:
             meas = measure_ensemble(ens, discard=discard, chunk=chunk)
+    _check_finite(meas)
     est = estimate(meas, S=S, quiet_autocorr=quiet_autocorr)
     diag = diagnose(meas, est, S=S, quiet_autocorr=quiet_autocorr)
     short = _short_warning({**est.short, **diag.short})

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from flowmc._checks import is_real
-from flowmc.config import NON_NEGATIVE, POSITIVE, IntRange
+from flowmc.config import NON_NEGATIVE, POSITIVE, IntRange, refuse_unused
 from flowmc.io.ensemble import check_output
 from flowmc.io.shipped import (  # noqa: F401 - re-exported for the subcommands
     DEFAULT_MODEL,
@@ -125,6 +125,25 @@ def add_hmc_options(p: argparse.ArgumentParser, title: str) -> None:
     g.add_argument("--flip", action="store_true", help="add the exact global Z2 flip move")
 
 
+#: The options of :func:`add_hmc_options`, in the order messages list them.
+HMC_FLAGS = ["--traj-length", "--integrator", "--target-accept", "--warmup", "--step-size",
+             "--flip"]  # fmt: skip
+#: Why ``--force`` and ``--resume`` do not go together.
+RESUME_FORCE = ("needs a new run (without --resume: a resumed file is continued, never "
+                "replaced)")
+#: What ``--target-accept`` needs: a tuned step size.
+TUNING = "needs step-size tuning (no --step-size)"
+
+
+def check_distributed_options(args: argparse.Namespace) -> None:
+    """``--dist-timeout`` does something only under torchrun (a sharded or distributed run)."""
+    from flowmc.parallel import torchrun_env
+
+    if torchrun_env() is None:
+        refuse_unused(args, ["--dist-timeout"], "needs torchrun (a run over several processes, "
+                      "docs/distributed.md)")
+
+
 def hmc_settings(args: argparse.Namespace) -> HMCSettings:
     """The :class:`~flowmc.sampling.run.HMCSettings` of :func:`add_hmc_options`."""
     return HMCSettings(
@@ -208,6 +227,8 @@ def storage_kwargs(args: argparse.Namespace, command: str) -> dict:
 
     if args.n is None or args.out is None:
         raise ValueError("--n and --out are required")
+    if args.resume:
+        refuse_unused(args, ["--force"], RESUME_FORCE)
     if not args.resume:  # fail before loading a model or warming up
         check_output(args.out, force=args.force)
     return {

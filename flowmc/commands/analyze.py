@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flowmc import report
 from flowmc.analysis.ensemble import analyze
-from flowmc.config import add_common_options, apply_threads
+from flowmc.config import add_common_options, apply_threads, refuse_unused
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
+    refuse_unused(args, ["--seed", "--dtype", "--device"], "has no effect in flowmc analyze (the "
+                  "analysis draws no random numbers and runs in float64 on the CPU)")
     inputs = [args.ensemble]
     plots = (
         [(args.plots / name, "png", kind) for name, kind in report.ANALYSIS_PLOTS.items()]

@@ -7,18 +7,20 @@ import argparse
 import torch
 
 from flowmc.commands._common import (
+    TUNING,
     action_from_args,
     add_action_options,
     add_cluster_options,
     add_ensemble_options,
     check_cluster_runtime,
+    check_distributed_options,
     cluster_settings,
     print_run_summary,
     run_config,
     storage_kwargs,
     write_json,
 )
-from flowmc.config import add_common_options, apply_threads, resolve_device
+from flowmc.config import add_common_options, apply_threads, refuse_unused, resolve_device
 from flowmc.sampling.run import START_KINDS
 from flowmc.sampling.shards import job_device, run_sharded
 
@@ -55,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
+    if args.step_size is not None:
+        refuse_unused(args, ["--target-accept"], TUNING)
+    check_distributed_options(args)
     storage = storage_kwargs(args, "cluster")  # validates --n and --out first
     action = action_from_args(args)
     if args.dtype != "float64":

@@ -5,17 +5,25 @@ from __future__ import annotations
 import argparse
 
 from flowmc.commands._common import (
+    TUNING,
     action_from_args,
     add_action_options,
     add_ensemble_options,
     add_hmc_options,
+    check_distributed_options,
     hmc_settings,
     print_run_summary,
     run_config,
     storage_kwargs,
     write_json,
 )
-from flowmc.config import add_common_options, apply_threads, resolve_device, resolve_dtype
+from flowmc.config import (
+    add_common_options,
+    apply_threads,
+    refuse_unused,
+    resolve_device,
+    resolve_dtype,
+)
 from flowmc.sampling.run import START_KINDS
 from flowmc.sampling.shards import job_device, run_sharded
 
@@ -44,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
+    if args.step_size is not None:
+        refuse_unused(args, ["--target-accept"], TUNING)
+    check_distributed_options(args)
     storage = storage_kwargs(args, "hmc")  # validates --n and --out first
     action = action_from_args(args)
     # under torchrun: each rank samples its block of chains into its shard (flowmc.sampling.shards)

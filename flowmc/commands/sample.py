@@ -6,8 +6,11 @@ import argparse
 from pathlib import Path
 
 from flowmc.commands._common import (
+    HMC_FLAGS,
+    TUNING,
     add_ensemble_options,
     add_hmc_options,
+    check_distributed_options,
     default_model_path,
     hmc_settings,
     print_run_summary,
@@ -15,7 +18,13 @@ from flowmc.commands._common import (
     storage_kwargs,
     write_json,
 )
-from flowmc.config import add_common_options, apply_threads, resolve_device, resolve_dtype
+from flowmc.config import (
+    add_common_options,
+    apply_threads,
+    refuse_unused,
+    resolve_device,
+    resolve_dtype,
+)
 from flowmc.io.checkpoint import load_model
 from flowmc.sampling.shards import job_device, run_sharded
 from flowmc.training.adapt import AdaptConfig
@@ -65,8 +74,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_modes(args: argparse.Namespace) -> None:
+    """Refuse options that do nothing in the chosen mode (flow MH alone, no adaptation)."""
+    if not args.hmc_traj:
+        refuse_unused(args, HMC_FLAGS, "needs --hmc-traj K >= 1 (the HMC part of the hybrid; "
+                      "flow MH alone runs no HMC)")
+    elif args.step_size is not None:
+        refuse_unused(args, ["--target-accept"], TUNING)
+    if not args.adapt_steps:
+        refuse_unused(args, ["--adapt-lr", "--adapt-batch", "--adapt-reverse-kl"],
+                      "needs --adapt-steps N >= 1 (the adaptive warm-up)")
+    check_distributed_options(args)
+
+
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
+    check_modes(args)
     storage = storage_kwargs(args, "sample")  # validates --n and --out first
     adapt = None
     if args.adapt_steps:

@@ -11,7 +11,9 @@ from flowmc import report
 from flowmc.analysis.crossing import METHODS
 from flowmc.analysis.free_energy import RULES
 from flowmc.commands._common import (
+    HMC_FLAGS,
     MIN_L,
+    TUNING,
     add_cluster_options,
     add_hmc_options,
     check_cluster_runtime,
@@ -24,6 +26,7 @@ from flowmc.config import (
     IntRange,
     add_common_options,
     apply_threads,
+    refuse_unused,
     resolve_device,
     resolve_dtype,
     resolved,
@@ -134,6 +137,45 @@ def _interrupted(args: argparse.Namespace) -> str:
     )
 
 
+def check_modes(args: argparse.Namespace, sizes: list[int], models: dict, anchors: dict) -> None:
+    """Refuse options that do nothing for the scan's samplers, sizes or analysis (one line)."""
+    flows = any(v is not None for v in models.values())
+    hmc_sizes = args.hmc or any(v is None for v in models.values())
+    uses_hmc = hmc_sizes or bool(flows and args.hmc_traj)
+    if not uses_hmc:
+        refuse_unused(args, [f for f in HMC_FLAGS if f != "--warmup"],
+                      "needs HMC (--hmc, L=hmc in --model, or the hybrid --hmc-traj K)")
+    elif args.step_size is not None:
+        refuse_unused(args, ["--target-accept"], TUNING)
+    if not (uses_hmc or args.cluster):
+        refuse_unused(args, ["--warmup"], "needs HMC or --cluster (flow MH has no warm-up)")
+    if not (hmc_sizes or args.cluster):
+        refuse_unused(args, ["--start"], "needs HMC or --cluster (flow chains start at flow "
+                      "draws)")
+    if not args.cluster:
+        refuse_unused(args, ["--num-hits", "--num-clusters", "--cluster-target-accept",
+                             "--cluster-step-size"], "needs --cluster")
+    elif args.cluster_step_size is not None:
+        refuse_unused(args, ["--cluster-target-accept"],
+                      "needs step-size tuning (no --cluster-step-size)")
+    if not flows:
+        refuse_unused(args, ["--batch"], "needs a flow (--model)")
+    if not (flows or anchors):
+        refuse_unused(args, ["--dtype", "--logz-n", "--logz-batch"],
+                      "needs a flow (--model or --anchor-model): it sets the flows' dtype and "
+                      "draws; HMC and cluster chains run in float64")
+    elif not args.logz_n:
+        refuse_unused(args, ["--logz-batch"], "needs --logz-n N >= 2")
+    if len(sizes) < 2:
+        refuse_unused(args, ["--crossing", "--crossing-window", "--n-boot"],
+                      "needs two or more sizes (--L) to cross")
+    elif args.crossing == "linear":
+        refuse_unused(args, ["--crossing-window"], "needs --crossing quadratic")
+    if args.ti_anchor == "none":
+        refuse_unused(args, ["--ti-rule"], "needs a thermodynamic integration (--ti-anchor "
+                      "other than none)")
+
+
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     if args.out is None or args.n is None or args.lam is None or not args.L:
@@ -159,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--anchor-model: expected L=PATH (a flow), not L=hmc")
     if args.hmc_traj and all(v is None for v in models.values()):
         raise ValueError("--hmc-traj K (the hybrid) needs a flow (--model)")
+    check_modes(args, sizes, models, anchors)
     run_cfg = RunConfig(
         n=args.n, chains=args.chains, thin=args.thin, therm=args.therm, seed=args.seed,
         chunk=args.chunk, batch=args.batch, hmc_traj=args.hmc_traj, hmc=hmc_settings(args),

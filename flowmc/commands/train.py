@@ -6,16 +6,26 @@ import argparse
 from pathlib import Path
 
 from flowmc import report
-from flowmc.commands._common import action_from_args, add_action_options
+from flowmc.commands._common import (
+    RESUME_FORCE,
+    action_from_args,
+    add_action_options,
+    check_distributed_options,
+)
 from flowmc.config import (
     add_common_options,
     apply_threads,
+    given,
     int_list,
+    refuse_unused,
     resolve_device,
     resolve_dtype,
     resolved,
 )
+from flowmc.flows.flow import CNF_SETTINGS
 from flowmc.io.checkpoint import load_checkpoint
+from flowmc.io.identity import check_condition, check_identity, checkpoint_identity
+from flowmc.io.shipped import resolve_model_path
 from flowmc.lattice.action import Phi4Action
 from flowmc.training.recipes import RECIPES
 from flowmc.training.workflow import train_flow, train_staged
@@ -113,6 +123,82 @@ _ARCH_FLAGS = {
 }  # fmt: skip
 
 
+#: architecture flags (dest) -> FlowConfig field (``extra.KEY`` for coupling settings)
+_ARCH_FIELDS = {
+    "layers": "n_layers", "hidden": "hidden", "kernel": "kernel_size",
+    "activation": "activation", "coupling": "coupling", "prior_sigma": "prior_sigma",
+    "equivariant": "equivariant", "momentum": "momentum", "zero_mode_bins": "zero_mode_bins",
+    "bins": "extra.n_bins", "spline_bound": "extra.spline_bound", "int_steps": "extra.int_steps",
+    "integrator": "extra.integrator", "cnf_freq": "extra.n_freq",
+    "cnf_channels": "extra.n_channels", "cnf_time": "extra.n_time", "penalty": "extra.penalty",
+}  # fmt: skip
+#: defaults of the coupling settings in ``FlowConfig.extra`` (a checkpoint may omit them)
+_EXTRA_DEFAULTS = {"n_bins": 8, "spline_bound": 4.0, **CNF_SETTINGS}
+
+
+def check_modes(args: argparse.Namespace) -> None:
+    """Refuse architecture options the chosen layer family does not use (a new flow; with
+    --init-from or --resume the architecture is the checkpoint's, checked elsewhere)."""
+    check_distributed_options(args)
+    if args.resume:
+        refuse_unused(args, ["--force"], RESUME_FORCE)
+    if args.init_from is not None or args.resume:
+        return
+    coupling = args.coupling or RECIPES[args.recipe]["flow"].get("coupling", "affine")
+    if coupling != "spline":
+        refuse_unused(args, ["--bins", "--spline-bound"], "needs --coupling spline")
+    if coupling != "cnf":
+        refuse_unused(args, ["--int-steps", "--integrator", "--cnf-freq", "--cnf-channels",
+                             "--cnf-time", "--penalty"], "needs --coupling cnf (a continuous "
+                      "flow)")  # fmt: skip
+    else:
+        refuse_unused(args, ["--hidden", "--kernel", "--activation", "--equivariant"],
+                      "does not apply to a continuous flow (coupling cnf; it is Z2-equivariant "
+                      "and has no convolutional conditioners)")
+
+
+def check_resume(args: argparse.Namespace) -> None:
+    """``--resume`` continues the checkpoint's own training: every action, seed, recipe, dtype
+    or architecture option the user gave must be what the checkpoint holds."""
+    ckpt = load_checkpoint(args.out)
+    stored = checkpoint_identity(ckpt)
+    stored["flow_config"]["extra"] = {**_EXTRA_DEFAULTS, **stored["flow_config"].get("extra", {})}
+    want: dict = {}
+    act: dict = {}
+    if given(args, "L") and args.L is not None:
+        act["lattice_shape"] = [int(args.L)] * int(args.dim)
+    if args.kappa is not None or args.lam_h is not None:
+        hop = action_from_args(argparse.Namespace(**{
+            **vars(args), "L": args.L or 2, "m2": None, "lam": None}))  # fmt: skip
+        act.update(m2=hop.m2, lam=hop.lam)
+    else:
+        if given(args, "m2") and args.m2 is not None:
+            act["m2"] = float(args.m2)
+        if given(args, "lam") and isinstance(args.lam, tuple):
+            want["condition"] = [float(v) for v in args.lam]
+        elif given(args, "lam") and args.lam is not None:
+            act["lam"] = float(args.lam)
+    if act:
+        want["action"] = act
+    for dest in ("seed", "recipe", "dtype"):
+        if given(args, dest):
+            want[dest] = getattr(args, dest)
+    flow: dict = {}
+    for dest, name in _ARCH_FIELDS.items():
+        if given(args, dest) and getattr(args, dest) is not None:
+            value = getattr(args, dest)
+            value = list(_parse_hidden(value)) if dest == "hidden" else value
+            if name.startswith("extra."):
+                flow.setdefault("extra", {})[name[6:]] = value
+            else:
+                flow[name] = value
+    if flow:
+        want["flow_config"] = flow
+    check_identity(args.out, stored, want, partial=("action", "flow_config", "flow_config.extra"),
+                   hint="--resume continues the training stored there: drop the option, or "
+                   "train a new --out")  # fmt: skip
+
+
 def _action(args: argparse.Namespace) -> Phi4Action | None:
     """The target action; with --init-from and no couplings given, the ancestor's at --L."""
     if args.resume:
@@ -142,20 +228,27 @@ def _staged_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
+    check_modes(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype)
     if args.out is None:
         raise ValueError("--out is required (checkpoint path to write)")
     if args.resume and args.init_from is not None:
         raise ValueError("give either --resume or --init-from, not both")
+    if args.init_from is not None:  # a path, or a shipped flow's name (as sample and eval)
+        args.init_from = resolve_model_path(args.init_from)
+        check_condition(args.init_from, load_checkpoint(args.init_from),
+                        args.lam if given(args, "lam") else None)  # fmt: skip
+    if args.resume and Path(args.out).exists():
+        check_resume(args)
     # the training curve may replace only an earlier training curve, never the checkpoint or
     # the --init-from ancestor; checked before training starts
     plot_path = Path(args.plot) if args.plot else report.default_train_plot_path(args.out)
     report.check_outputs([(plot_path, "png", "train-history")],
                          inputs=[args.out, args.init_from])
-    given = [flag for dest, flag in _ARCH_FLAGS.items() if getattr(args, dest) is not None]
-    if args.init_from is not None and given:
-        raise ValueError(f"the architecture comes from --init-from; drop {', '.join(given)}")
+    arch = [flag for dest, flag in _ARCH_FLAGS.items() if getattr(args, dest) is not None]
+    if args.init_from is not None and arch:
+        raise ValueError(f"the architecture comes from --init-from; drop {', '.join(arch)}")
     extra = {
         "n_bins": args.bins, "spline_bound": args.spline_bound, "int_steps": args.int_steps,
         "integrator": args.integrator, "n_freq": args.cnf_freq, "n_channels": args.cnf_channels,
@@ -172,7 +265,8 @@ def run(args: argparse.Namespace) -> int:
         "zero_mode_bins": args.zero_mode_bins,
         "prior_sigma": args.prior_sigma,
         "extra": {k: v for k, v in extra.items() if v is not None} or None,
-        "condition": {"lam": list(args.lam)} if isinstance(args.lam, tuple) else None,
+        "condition": ({"lam": list(args.lam)}  # with --init-from: its own (checked above)
+                      if isinstance(args.lam, tuple) and args.init_from is None else None),
     }
     common = {
         "train_overrides": {  # training hyper-parameters given on the command line (None: keep)
@@ -186,7 +280,8 @@ def run(args: argparse.Namespace) -> int:
         "symmetric": args.symmetric,
         "seed": args.seed,
         "device": device,
-        "dtype": dtype,
+        # a resumed training keeps the checkpoint's dtype unless --dtype is given (and equal)
+        "dtype": None if args.resume and not given(args, "dtype") else dtype,
         "out": args.out,
         "resume": args.resume,
         "force": args.force,

@@ -147,11 +147,38 @@ def _decode(value: Any) -> Any:
     return value
 
 
+def _shards_hint(path: str | os.PathLike[str]) -> str:
+    """For a missing ensemble ``ens.h5``: what ``ens.shards/`` holds, if anything (a sharded run
+    killed before its join), and how to go on; ``""`` otherwise."""
+    p = Path(path)
+    sdir = p.with_suffix(".shards")
+    if p.suffix == ".shards" or not sdir.is_dir():
+        return ""
+    counts: dict[int, int] = {}
+    for entry in sdir.glob("rank-*-of-*.h5"):
+        try:
+            counts.setdefault(int(entry.stem.rsplit("-of-", 1)[1]), 0)
+            counts[int(entry.stem.rsplit("-of-", 1)[1])] += 1
+        except ValueError:
+            continue
+    if not counts:
+        return ""
+    runs = ", ".join(f"{n} shards of a run with {w} ranks" for w, n in sorted(counts.items()))
+    w = max(counts)
+    return (
+        f"; {str(sdir)!r} holds {runs} (stopped before its join?): resume it under torchrun "
+        f"with {w} ranks and --resume (torchrun --nproc-per-node {w} -m flowmc ... --resume), "
+        f"which writes the join, or join what they hold with "
+        f"flowmc.io.join.join_shards({str(p)!r})"
+    )
+
 def _open_h5(path: str, mode: str) -> h5py.File:
     """Open ``path`` with h5py, turning every low-level failure into a clear error."""
     _require_h5py()
     if not os.path.exists(path):
-        raise FileNotFoundError(f"No flowmc ensemble at {path!r}: file does not exist")
+        raise FileNotFoundError(
+            f"No flowmc ensemble at {path!r}: file does not exist{_shards_hint(path)}"
+        )
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a directory, not a flowmc ensemble file")
     try:
@@ -749,8 +776,9 @@ class EnsembleWriter:
             raise ValueError(f"Unknown expect keys {sorted(unknown)}; allowed: {list(EXPECT_KEYS)}")
         if not os.path.exists(path):
             raise FileNotFoundError(
-                f"No flowmc ensemble at {path!r} to resume: file does not exist (a run stopped "
-                "before its first commit leaves nothing; start it again without --resume)"
+                f"No flowmc ensemble at {path!r} to resume: file does not exist"
+                + (_shards_hint(path) or " (a run stopped before its first commit leaves "
+                   "nothing; start it again without --resume)")
             )
         if not os.path.isfile(path):
             raise ValueError(f"{path!r} is not a regular file, so not a flowmc ensemble")

@@ -64,6 +64,7 @@ from flowmc._version import flowmc_version
 from flowmc.flows.flow import Z2SymmetricFlow
 from flowmc.io.checkpoint import LoadedModel, load_checkpoint, load_model, save_checkpoint
 from flowmc.io.ensemble import EnsembleWriter, check_output, file_sha256, open_ensemble
+from flowmc.io.identity import check_adapted
 from flowmc.mcmc import hmc
 from flowmc.mcmc.rng import RNG_SCHEME, ChainRNG, run_generator
 from flowmc.sampling.cluster import ClusterSampler, ClusterSettings
@@ -554,6 +555,7 @@ def _resume(
             raise FileNotFoundError(
                 f"Cannot resume {str(out)!r}: its adapted flow {str(adapt_path)!r} is missing"
             )
+        check_adapted(adapt_path, out, stored_meta)
         p = next(lmodel.flow.parameters())
         lmodel = load_model(adapt_path, device=p.device, dtype=p.dtype,
                             symmetric=lmodel.symmetric, lam=lmodel.lam)  # fmt: skip

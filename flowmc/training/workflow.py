@@ -45,6 +45,7 @@ from flowmc.io.checkpoint import (
     save_checkpoint,
 )
 from flowmc.io.ensemble import file_sha256
+from flowmc.io.identity import check_condition, check_stage
 from flowmc.lattice.action import Phi4Action
 from flowmc.training import distributed
 from flowmc.training.evaluate import needs_symmetrisation
@@ -254,6 +255,7 @@ def _start_from(
     """A new stage from the ``init_from`` checkpoint's architecture and weights, moved to the
     action's lattice (:func:`flowmc.flows.flow.transfer_state_dict`)."""
     ckpt, ancestor = _ancestor(init_from)
+    check_condition(init_from, ckpt, action.lam)  # it keeps its condition on lam
     old_cfg = FlowConfig.from_dict(ckpt["flow_config"])
     flow_cfg = replace(old_cfg, lattice_shape=tuple(action.lattice_shape))
     with torch.random.fork_rng(devices=[]):
@@ -549,7 +551,9 @@ def train_staged(
         stage_action = Phi4Action(action.m2, action.lam, stage.lattice_shape)
         train_cfg = stage.train
         over = dict(train_overrides or {}) if last else {}
-        if resume and path.exists():
+        if resume and path.exists():  # reused: it must be this pipeline's stage
+            check_stage(path, stage_action, recipe, kwargs.get("seed", 0), previous,
+                        flow_overrides if i == 0 else None)  # fmt: skip
             done = load_checkpoint(path).get("trainer_state", {}) or {}
             target = over.get("n_steps") or train_cfg.n_steps
             if not last and int(done.get("step", 0)) >= target:

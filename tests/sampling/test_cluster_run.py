@@ -328,7 +328,7 @@ def test_scan_cluster(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "scan"
     argv = ["scan", "--cluster", "--L", "4", "--m2", "-4", "--lam", "4,6", "--n", "40",
             "--chains", "2", "--warmup", "10", "--num-hits", "2", "--cluster-target-accept",
-            "0.4", "--quiet", "--no-plots", "--n-boot", "0", "--out", str(out)]  # fmt: skip
+            "0.4", "--quiet", "--no-plots", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "L=4 cluster" in text
