@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["PeriodicCNN", "ACTIVATIONS", "with_context", "Blur"]
@@ -19,6 +21,65 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: the memory format of the hidden activations: channels last, where torch has one (the
+#: convolutions of a few channels are about twice as fast in it on CPU, and the channels of a
+#: site are contiguous for the output layer's per-site matrix product)
+_FORMAT = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+def _slab(ndim: int, axis: int, index: slice, pads: Sequence[int]) -> tuple[slice, ...]:
+    """Index of ``index`` along spatial ``axis`` of a padded ``(N, C, *S)`` tensor, restricted
+    to the interior along the spatial axes before it (the order in which :class:`_CircularPad`
+    fills the halo)."""
+    out = [slice(None)] * ndim
+    for a in range(axis):
+        out[2 + a] = slice(pads[a], -pads[a] or None)
+    out[2 + axis] = index
+    return tuple(out)
+
+
+class _CircularPad(torch.autograd.Function):
+    """Periodic padding into one preallocated buffer (channels last for 2-d and 3-d): the
+    interior is copied once and only the halo slabs are filled; the backward folds the halo's
+    gradient back onto the opposite edges. ``F.pad(x, mode="circular")`` computes the same
+    values with more copies (and returns a contiguous tensor whatever the input's format)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, pads: tuple[int, ...]) -> Tensor:  # noqa: D102
+        d = len(pads)
+        shape = (*x.shape[:2], *(n + 2 * p for n, p in zip(x.shape[2:], pads)))
+        fmt = _FORMAT.get(d, torch.contiguous_format)
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        out[(slice(None), slice(None), *(slice(p, -p or None) for p in pads))] = x
+        for axis in reversed(range(d)):  # last axis first, over the interior of the earlier ones
+            p, n = pads[axis], x.shape[2 + axis]
+            if p:
+                out[_slab(out.dim(), axis, slice(0, p), pads)] = (
+                    out[_slab(out.dim(), axis, slice(n, n + p), pads)])  # fmt: skip
+                out[_slab(out.dim(), axis, slice(n + p, n + 2 * p), pads)] = (
+                    out[_slab(out.dim(), axis, slice(p, 2 * p), pads)])  # fmt: skip
+        ctx.pads = pads
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        pads = ctx.pads
+        g = g.clone()
+        for axis in range(len(pads)):  # the adjoint of the forward's slab copies, in reverse
+            p, n = pads[axis], g.shape[2 + axis] - 2 * pads[axis]
+            if p:
+                g[_slab(g.dim(), axis, slice(p, 2 * p), pads)] += (
+                    g[_slab(g.dim(), axis, slice(n + p, n + 2 * p), pads)])  # fmt: skip
+                g[_slab(g.dim(), axis, slice(n, n + p), pads)] += (
+                    g[_slab(g.dim(), axis, slice(0, p), pads)])  # fmt: skip
+        return g[(slice(None), slice(None), *(slice(p, -p or None) for p in pads))], None
+
+
+def circular_pad(x: Tensor, pads: Sequence[int]) -> Tensor:
+    """Periodic padding of ``x (N, C, *S)`` by ``pads[a]`` sites on both sides of spatial axis
+    ``a``; the values of ``F.pad(x, ..., mode="circular")``, returned channels last (2-d, 3-d)."""
+    return _CircularPad.apply(x, tuple(int(p) for p in pads))
 
 
 class PeriodicCNN(nn.Module):
@@ -76,8 +137,66 @@ class PeriodicCNN(nn.Module):
             if last.bias is not None:
                 nn.init.zeros_(last.bias)
 
+    def _conv(self, conv: nn.Module, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``conv`` with the given weight and bias, its circular padding by :func:`circular_pad`
+        (the layers are built with stride 1, no dilation, one group)."""
+        pads = tuple(k // 2 for k in conv.kernel_size)
+        if any(pads):
+            h = circular_pad(h, pads)
+        return _CONV_FN[len(pads)](h, weight, bias)
+
+    def _trunk(self, x: Tensor) -> Tensor:
+        """Every layer but the output layer; hidden activations channels last (2-d, 3-d)."""
+        *trunk, _ = self.net
+        h = x
+        for layer in trunk:
+            h = self._conv(layer, h, layer.weight, layer.bias) if isinstance(
+                layer, nn.modules.conv._ConvNd) else layer(h)  # fmt: skip
+        return h
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        """``(B, in_channels, *L)`` → ``(B, out_channels, *L)``: the stack of circular-padding
+        convolutions (``self.net``), evaluated with :func:`circular_pad`."""
+        last = self.net[-1]
+        out = self._conv(last, self._trunk(x), last.weight, last.bias)
+        return out.contiguous()
+
+    def forward_at(self, x: Tensor, sites: Tensor, pair_perm: Tensor | None = None) -> Tensor:
+        r"""The output at some sites only, channels last: ``(B, len(sites), out_channels)``.
+
+        ``forward(x).flatten(2)[:, :, sites].transpose(1, 2)``, computed more cheaply: a ``1x1``
+        output layer runs as one matrix product at ``sites`` only, and the result comes out with
+        the channels contiguous (what a per-site transformation consumes).
+
+        With ``pair_perm`` (a permutation of the output channels), ``x`` holds two batches
+        ``[a; b]`` of ``B`` samples each and the result is
+        :math:`\tfrac12[\mathrm{net}(a) + P\,\mathrm{net}(b)]` at the sites (``P`` permutes
+        the channels): the symmetrised conditioner of a Z2-equivariant coupling. The output
+        layer is linear, so both halves go through it at once, with the weight
+        :math:`\tfrac12[W, PW]` on the stacked hidden channels.
+
+        Args:
+            x: ``(B, in_channels, *L)``, or ``(2B, ...)`` with ``pair_perm``.
+            sites: ``(A,)`` flat indices of the wanted sites.
+            pair_perm: ``(out_channels,)`` permutation, or ``None``.
+        """
+        last = self.net[-1]
+        h = self._trunk(x)
+        w, bias = last.weight, last.bias
+        nb, ch = h.shape[:2]
+        if pair_perm is not None:
+            w = 0.5 * torch.cat([w, w[pair_perm]], 1)
+            bias = None if bias is None else 0.5 * (bias + bias[pair_perm])
+        if all(k == 1 for k in last.kernel_size):
+            # (N, V, Ch) rows of the wanted sites (a view when h is channels last)
+            hs = h.reshape(nb, ch, -1).transpose(1, 2).index_select(1, sites)
+            if pair_perm is not None:  # both halves' hidden channels side by side
+                hs = torch.cat([hs[: nb // 2], hs[nb // 2 :]], -1)
+            return F.linear(hs, w.flatten(1), bias)
+        if pair_perm is not None:
+            h = torch.cat(h.chunk(2, 0), 1)
+        out = self._conv(last, h, w, bias)
+        return out.flatten(2).transpose(1, 2).index_select(1, sites)
 
 
 def with_context(x: Tensor, context: Tensor | None) -> Tensor:
