@@ -76,6 +76,18 @@ class _CircularPad(torch.autograd.Function):
         return g[(slice(None), slice(None), *(slice(p, -p or None) for p in pads))], None
 
 
+def _activate(act: nn.Module, h: Tensor) -> Tensor:
+    """``act(h)``, in place where autograd allows it (the backward of these needs only the
+    result): ``h`` must be a temporary of the caller's."""
+    if isinstance(act, nn.LeakyReLU) and act.negative_slope > 0:
+        return F.leaky_relu(h, act.negative_slope, inplace=True)
+    if isinstance(act, nn.ReLU):
+        return torch.relu_(h)
+    if isinstance(act, nn.Tanh):
+        return h.tanh_()
+    return act(h)
+
+
 def circular_pad(x: Tensor, pads: Sequence[int]) -> Tensor:
     """Periodic padding of ``x (N, C, *S)`` by ``pads[a]`` sites on both sides of spatial axis
     ``a``; the values of ``F.pad(x, ..., mode="circular")``, returned channels last (2-d, 3-d)."""
@@ -137,36 +149,49 @@ class PeriodicCNN(nn.Module):
             if last.bias is not None:
                 nn.init.zeros_(last.bias)
 
-    def _conv(self, conv: nn.Module, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _conv(
+        self, conv: nn.Module, h: Tensor, weight: Tensor, bias: Tensor | None,
+        act: nn.Module | None = None,
+    ) -> Tensor:
         """``conv`` with the given weight and bias, its circular padding by :func:`circular_pad`
-        (the layers are built with stride 1, no dilation, one group)."""
+        (the layers are built with stride 1, no dilation, one group), after the activation
+        ``act`` of the previous layer: applied in place to the padded buffer (elementwise, so
+        it commutes with the padding), or to ``h`` itself, a convolution's output."""
         pads = tuple(k // 2 for k in conv.kernel_size)
         if any(pads):
             h = circular_pad(h, pads)
+        if act is not None:
+            h = _activate(act, h)
         return _CONV_FN[len(pads)](h, weight, bias)
 
-    def _trunk(self, x: Tensor) -> Tensor:
-        """Every layer but the output layer; hidden activations channels last (2-d, 3-d)."""
+    def _trunk(self, x: Tensor) -> tuple[Tensor, nn.Module | None]:
+        """Every layer but the output layer, hidden activations channels last (2-d, 3-d); the
+        last activation is returned unapplied (``(h, act)``), for the caller to fuse."""
         *trunk, _ = self.net
-        h = x
+        h, act = x, None
         for layer in trunk:
-            h = self._conv(layer, h, layer.weight, layer.bias) if isinstance(
-                layer, nn.modules.conv._ConvNd) else layer(h)  # fmt: skip
-        return h
+            if isinstance(layer, nn.modules.conv._ConvNd):
+                h, act = self._conv(layer, h, layer.weight, layer.bias, act), None
+            else:
+                if act is not None:
+                    h = _activate(act, h)
+                act = layer
+        return h, act
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_channels, *L)`` → ``(B, out_channels, *L)``: the stack of circular-padding
         convolutions (``self.net``), evaluated with :func:`circular_pad`."""
         last = self.net[-1]
-        out = self._conv(last, self._trunk(x), last.weight, last.bias)
-        return out.contiguous()
+        h, act = self._trunk(x)
+        return self._conv(last, h, last.weight, last.bias, act).contiguous()
 
     def forward_at(self, x: Tensor, sites: Tensor, pair_perm: Tensor | None = None) -> Tensor:
-        r"""The output at some sites only, channels last: ``(B, len(sites), out_channels)``.
+        r"""The output at some sites only, channels first: ``(out_channels, B, len(sites))``.
 
-        ``forward(x).flatten(2)[:, :, sites].transpose(1, 2)``, computed more cheaply: a ``1x1``
-        output layer runs as one matrix product at ``sites`` only, and the result comes out with
-        the channels contiguous (what a per-site transformation consumes).
+        ``forward(x).flatten(2)[:, :, sites].movedim(1, 0)``, computed more cheaply: a ``1x1``
+        output layer runs as one matrix product at ``sites`` only, and every channel comes out
+        as a contiguous plane over the samples and sites (what a per-site transformation with
+        per-channel parameters vectorises over, :func:`flowmc.flows.splines.rq_spline_bins_first`).
 
         With ``pair_perm`` (a permutation of the output channels), ``x`` holds two batches
         ``[a; b]`` of ``B`` samples each and the result is
@@ -181,7 +206,7 @@ class PeriodicCNN(nn.Module):
             pair_perm: ``(out_channels,)`` permutation, or ``None``.
         """
         last = self.net[-1]
-        h = self._trunk(x)
+        h, act = self._trunk(x)
         w, bias = last.weight, last.bias
         nb, ch = h.shape[:2]
         if pair_perm is not None:
@@ -192,11 +217,17 @@ class PeriodicCNN(nn.Module):
             hs = h.reshape(nb, ch, -1).transpose(1, 2).index_select(1, sites)
             if pair_perm is not None:  # both halves' hidden channels side by side
                 hs = torch.cat([hs[: nb // 2], hs[nb // 2 :]], -1)
-            return F.linear(hs, w.flatten(1), bias)
+            if act is not None:  # on the gathered sites only
+                hs = _activate(act, hs)
+            hs = hs.reshape(-1, hs.shape[-1]).t()  # (Ch', B A)
+            w = w.flatten(1)
+            out = torch.mm(w, hs) if bias is None else torch.addmm(bias[:, None], w, hs)
+            return out.view(-1, nb if pair_perm is None else nb // 2, sites.shape[0])
         if pair_perm is not None:
             h = torch.cat(h.chunk(2, 0), 1)
-        out = self._conv(last, h, w, bias)
-        return out.flatten(2).transpose(1, 2).index_select(1, sites)
+        out = self._conv(last, h, w, bias, act)  # (B, C, *L) channels last
+        rows = out.movedim(1, -1).reshape(out.shape[0], -1, out.shape[1])  # (B, V, C)
+        return rows.index_select(1, sites).permute(2, 0, 1).contiguous()
 
 
 def with_context(x: Tensor, context: Tensor | None) -> Tensor:

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from flowmc.flows.cnf import ContinuousFlow
+from flowmc.flows.couplings import checkerboard
 from flowmc.flows.flow import FlowConfig, build_flow
 from flowmc.flows.nets import Blur, PeriodicCNN
 from flowmc.flows.splines import SplineCoupling
-from flowmc.flows.couplings import checkerboard
 from flowmc.io.checkpoint import load_checkpoint, load_model, resolve_model_path
 from flowmc.io.shipped import shipped_models
 
@@ -91,8 +91,9 @@ def _spline(kind: str, dtype: torch.dtype) -> tuple[SplineCoupling, Tensor | Non
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["plain", "equivariant", "conditional", "out3", "foreign"])
-def test_spline_coupling_matches_the_reference_with_gradients(kind: str, dtype: torch.dtype
-                                                              ) -> None:  # fmt: skip
+def test_spline_coupling_matches_the_reference_with_gradients(
+    kind: str, dtype: torch.dtype
+) -> None:
     layer, ctx = _spline(kind, dtype)
     x = (1.2 * torch.randn(12, 8, 6, generator=torch.Generator().manual_seed(1))).to(dtype)
     for inverse in (False, True):
@@ -120,8 +121,9 @@ def _cnf(dtype: torch.dtype, degree: int | None = None) -> ContinuousFlow:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("conditional", [False, True])
-def test_continuous_flow_matches_the_reference_with_gradients(conditional: bool,
-                                                               dtype: torch.dtype) -> None:  # fmt: skip
+def test_continuous_flow_matches_the_reference_with_gradients(
+    conditional: bool, dtype: torch.dtype
+) -> None:
     layer = _cnf(dtype, degree=2 if conditional else None)
     ctx = torch.linspace(-1, 1, 5).to(dtype) if conditional else None
     x = torch.randn(5, 6, 4, generator=torch.Generator().manual_seed(4)).to(dtype)
