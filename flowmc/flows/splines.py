@@ -100,14 +100,11 @@ def rq_spline_bins_first(
     knots = yh if inverse else xw
     # bin index: number of interior knots <= x (what searchsorted(..., right=True) returns)
     idx = (knots[1:-1] <= xc).sum(0, keepdim=True)
-    idx1 = idx + 1
+    idx = torch.cat([idx, idx + 1]).expand(2, *xw.shape[1:])  # both ends of the bin
 
-    def gather(t: Tensor, i: Tensor) -> Tensor:
-        return torch.gather(t, 0, i.expand(1, *t.shape[1:])).squeeze(0)
-
-    x0, x1 = gather(xw, idx), gather(xw, idx1)
-    y0, y1 = gather(yh, idx), gather(yh, idx1)
-    d0, d1 = gather(d, idx), gather(d, idx1)
+    x0, x1 = torch.gather(xw, 0, idx).unbind(0)
+    y0, y1 = torch.gather(yh, 0, idx).unbind(0)
+    d0, d1 = torch.gather(d, 0, idx).unbind(0)
     w, h = x1 - x0, y1 - y0
     s = h / w
     if not inverse:
