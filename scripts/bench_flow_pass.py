@@ -36,6 +36,11 @@ counted, the latter are reported as ``transcendentals``):
   the continuous flow's penalty pass adds the same for ``penalty_batch`` samples at
   ``coprime_steps(int_steps)``.
 
+With ``--ab`` each configuration is also timed against the code before this optimisation work
+(``tests/flows/reference_impl.py``), the two interleaved in this process (speedups measured
+under the same load); the flow in eval mode there, so the training step has no continuous-flow
+penalty pass.
+
 ``GFLOP/s = FLOPs / CPU time``; the peak is the best of ``--peak-repeats`` float32 matmuls of
 ``--peak-size``^3 (default 2048) in the same process (``2 n^3`` FLOPs).
 
@@ -44,7 +49,7 @@ after, the peak, and per configuration the timings, FLOPs, GFLOP/s, % of peak an
 
 Examples:
     python scripts/bench_flow_pass.py --quick --out /tmp/bfp.json       # smoke test, seconds
-    OMP_NUM_THREADS=1 python scripts/bench_flow_pass.py --out results/bench_flow_pass.json
+    OMP_NUM_THREADS=1 python scripts/bench_flow_pass.py --ab --out results/bench_flow_pass.json
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -62,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 from flowmc.flows.cnf import ContinuousFlow, coprime_steps
@@ -96,16 +103,21 @@ def loadavg() -> list[float]:
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
-    """CPU and wall time per call (ms), median and min over ``repeats`` after one warm-up."""
+    """CPU and wall time per call (ms), median and min over ``repeats`` after one warm-up, and
+    the median number of minor page faults per call (fresh memory the allocator had to map:
+    each costs about a microsecond, a noticeable share of a flow pass on some machines)."""
     fn()
-    cpu, wall = [], []
+    cpu, wall, faults = [], [], []
     for _ in range(repeats):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         c0, w0 = time.process_time(), time.perf_counter()
         fn()
         cpu.append(1e3 * (time.process_time() - c0))
         wall.append(1e3 * (time.perf_counter() - w0))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     return {"cpu_ms": statistics.median(cpu), "cpu_ms_min": min(cpu),
-            "wall_ms": statistics.median(wall), "wall_ms_min": min(wall), "repeats": repeats}
+            "wall_ms": statistics.median(wall), "wall_ms_min": min(wall),
+            "page_faults": statistics.median(faults), "repeats": repeats}  # fmt: skip
 
 
 def peak_gflops(n: int, repeats: int) -> dict[str, float]:
@@ -199,6 +211,54 @@ def cnf_flow(size: int) -> Flow:
     return flow
 
 
+def reference_module() -> Any:
+    """``tests/flows/reference_impl.py`` of this checkout: the flow passes as they were before
+    issue 20 item 4 (for ``--ab``)."""
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from tests.flows import reference_impl
+
+    return reference_impl
+
+
+def ab_record(flow: Flow, action: Phi4Action, args: argparse.Namespace) -> dict[str, Any]:
+    """The pre-optimisation passes against the current ones, interleaved in this process.
+
+    Both run ``z -> (phi, log|det|)`` from the same noise, the flow in eval mode (so the
+    training step has no continuous-flow penalty pass: the reference has none), the training step
+    the reverse-KL loss and its backward. CPU ms per call, median over ``--repeats``."""
+    ref = reference_module()
+    variants = {"reference": lambda z: ref.forward(flow, z), "current": lambda z: flow(z)}
+    flow.eval()
+    out: dict[str, Any] = {}
+    for mode, batch in (("sample", args.sample_batch), ("train", args.train_batch)):
+        z = flow.prior.sample(batch, generator=torch.Generator().manual_seed(2))
+
+        def call(fwd: Callable[[Tensor], tuple[Tensor, Tensor]], mode: str = mode,
+                 z: Tensor = z) -> None:  # fmt: skip
+            if mode == "sample":
+                with torch.no_grad():
+                    fwd(z)
+                return
+            flow.zero_grad(set_to_none=True)
+            phi, log_det = fwd(z)
+            ((flow.prior.log_prob(z) - log_det) + action(phi)).mean().backward()
+
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for fwd in variants.values():
+            call(fwd)  # warm-up
+        for _ in range(args.repeats):
+            for name, fwd in variants.items():
+                c0 = time.process_time()
+                call(fwd)
+                times[name].append(1e3 * (time.process_time() - c0))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[mode] = {"batch": batch, **{f"{k}_cpu_ms": v for k, v in med.items()},
+                     "speedup": med["reference"] / med["current"]}  # fmt: skip
+    return out
+
+
 def bench_config(family: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
     flow = coupling_flow(size) if family == "coupling" else cnf_flow(size)
     flow.requires_grad_(True)  # a loaded flow comes frozen
@@ -239,6 +299,12 @@ def bench_config(family: str, size: int, args: argparse.Namespace) -> dict[str, 
                   f"({rec['percent_of_peak']:.1f}% of peak)  top: "
                   + ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in rec["profile"][:4]),
                   flush=True)  # fmt: skip
+    if args.ab:
+        out["ab"] = ab_record(flow, action, args)
+        if not args.quiet:
+            print(f"{family:8s} L={size:<3d} A/B (reference -> current, CPU ms): " + ", ".join(
+                f"{m} {r['reference_cpu_ms']:.1f} -> {r['current_cpu_ms']:.1f} "
+                f"({r['speedup']:.2f}x)" for m, r in out["ab"].items()), flush=True)  # fmt: skip
     return out
 
 
@@ -257,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true",
                    help="smoke test: L = 8, batches 16/8, one repeat, a 512^3 peak")  # fmt: skip
+    p.add_argument("--ab", action="store_true",
+                   help="also time the pre-optimisation passes (tests/flows/reference_impl.py) "
+                        "interleaved with the current ones")  # fmt: skip
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -281,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak": args.peak,
         "settings": {"sizes": args.sizes, "sample_batch": args.sample_batch,
                      "train_batch": args.train_batch, "repeats": args.repeats,
-                     "quick": args.quick},  # fmt: skip
+                     "quick": args.quick, "ab": args.ab},  # fmt: skip
         "configs": configs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

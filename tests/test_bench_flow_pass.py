@@ -17,7 +17,7 @@ def test_bench_flow_pass_quick(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_flow_pass.py"), "--quick", "--quiet",
+        [sys.executable, str(ROOT / "scripts" / "bench_flow_pass.py"), "--quick", "--quiet", "--ab",
          "--out", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
@@ -33,3 +33,7 @@ def test_bench_flow_pass_quick(tmp_path: Path) -> None:
             assert rec["gflops"] > 0 and 0 < rec["percent_of_peak"]
             assert 0 < len(rec["profile"]) <= 10
             assert all(0 < p["share"] <= 1 for p in rec["profile"])
+        ab = c["ab"]
+        for mode in ("sample", "train"):
+            assert ab[mode]["reference_cpu_ms"] > 0 and ab[mode]["current_cpu_ms"] > 0
+            assert ab[mode]["speedup"] > 0

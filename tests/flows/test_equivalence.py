@@ -163,3 +163,31 @@ def test_a_training_step_matches_the_reference(coupling: str) -> None:
     grads_ref = torch.autograd.grad((phi_ref**4).sum() + ld_ref.sum(), params)
     _close(phi, phi_ref, torch.float64)
     _close_grads(grads, grads_ref, torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel", "activation"),
+    [((6,), 3, "leaky_relu"), ((4, 6), 3, "tanh"), ((4, 6), 5, "gelu"), ((4, 6), 1, "relu"),
+     ((4, 4, 6), 3, "silu"), ((8, 6), 3, "leaky_relu")],
+)  # fmt: skip
+def test_periodic_cnn_matches_the_conv_stack(
+    shape: tuple[int, ...], kernel: int, activation: str
+) -> None:
+    """PeriodicCNN.forward (one-buffer circular padding, channels-last activations, activations
+    in place) against its own nn.Sequential of torch's circular-padding convolutions, with
+    gradients; forward_at against the full output at some sites (and the pair symmetrisation)."""
+    net = PeriodicCNN(len(shape), 3, 5, (4, 6), kernel, activation, zero_init=False,
+                      out_kernel_size=1 if kernel == 3 else kernel).double()  # fmt: skip
+    x = torch.randn(4, 3, *shape, dtype=torch.float64, requires_grad=True)
+    out, ref_out = net(x), net.net(x)
+    _close(out, ref_out, torch.float64)
+    w = torch.randn_like(ref_out)
+    params = [x, *net.parameters()]
+    _close_grads(torch.autograd.grad((out * w).sum(), params),
+                 torch.autograd.grad((ref_out * w).sum(), params), torch.float64)  # fmt: skip
+    sites = torch.tensor([0, 3, 5])
+    full = ref_out.flatten(2)[:, :, sites].movedim(1, 0)  # (C, B, A)
+    _close(net.forward_at(x, sites), full, torch.float64)
+    perm = torch.tensor([4, 2, 3, 1, 0])
+    pair = 0.5 * (full[:, :2] + full[perm][:, 2:])
+    _close(net.forward_at(x, sites, pair_perm=perm), pair, torch.float64)
