@@ -121,10 +121,12 @@ def _cnf(dtype: torch.dtype, degree: int | None = None) -> ContinuousFlow:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("chunk_sites", [0, 48])  # whole batch; chunks of 2 samples (2, 2, 1)
 def test_continuous_flow_matches_the_reference_with_gradients(
-    conditional: bool, dtype: torch.dtype
+    conditional: bool, dtype: torch.dtype, chunk_sites: int
 ) -> None:
     layer = _cnf(dtype, degree=2 if conditional else None)
+    layer.chunk_sites = chunk_sites
     ctx = torch.linspace(-1, 1, 5).to(dtype) if conditional else None
     x = torch.randn(5, 6, 4, generator=torch.Generator().manual_seed(4)).to(dtype)
     for reverse in (False, True):
