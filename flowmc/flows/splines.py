@@ -24,7 +24,13 @@ from torch import Tensor, nn
 
 from flowmc.flows.nets import PeriodicCNN, with_context
 
-__all__ = ["rq_spline", "rq_spline_bins_first", "SplineCoupling"]
+__all__ = ["rq_spline", "rq_spline_bins_first", "SplineCoupling", "CHUNK_SITES"]
+
+#: default :attr:`SplineCoupling.chunk_sites`: 32768 sites (128 samples at L = 16, 32 at L = 32;
+#: the Z2-equivariant conditioner sees twice that). On the reference CPU (one thread) sampling the
+#: default flow in whole batches of 256 was 1.2x (L = 16) and 1.7x (L = 32) slower
+#: (memory-bound), and chunks of 16 samples slower again (per-call overhead)
+CHUNK_SITES = 32768
 
 
 def _knots(raw: Tensor, bound: float, min_size: float) -> Tensor:
@@ -178,6 +184,9 @@ class SplineCoupling(nn.Module):
         mirror = torch.cat([torch.arange(k).flip(0), torch.arange(k, 2 * k).flip(0),
                             torch.arange(2 * k, 3 * k - 1).flip(0)])  # fmt: skip
         self.register_buffer("mirror", mirror, persistent=False)
+        #: samples are transformed in chunks of at most this many sites (at least one sample),
+        #: so the conditioner's activations stay in cache; ``0``: whole batches
+        self.chunk_sites = CHUNK_SITES
 
     def _input(self, frozen: Tensor, context: Tensor | None) -> Tensor:
         """Conditioner input: the frozen sites, smoothed copies (``blur``) and the context."""
@@ -244,8 +253,24 @@ class SplineCoupling(nn.Module):
         out = flat.index_copy(1, self.active, ya)
         return out.view_as(x), ld.sum(1)
 
+    def _chunked(
+        self, x: Tensor, inverse: bool, context: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`_transform` over chunks of at most :attr:`chunk_sites` sites (samples are
+        independent)."""
+        n = x.shape[0]
+        size = max(1, self.chunk_sites // x[0].numel()) if self.chunk_sites > 0 else n
+        if n <= size:
+            return self._transform(x, inverse, context)
+        parts = [
+            self._transform(x[i : i + size], inverse,
+                            None if context is None else context[i : i + size])
+            for i in range(0, n, size)
+        ]  # fmt: skip
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._transform(x, False, context)
+        return self._chunked(x, False, context)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._transform(y, True, context)
+        return self._chunked(y, True, context)
