@@ -172,6 +172,8 @@ class PeriodicCNN(nn.Module):
         for layer in trunk:
             if isinstance(layer, nn.modules.conv._ConvNd):
                 h, act = self._conv(layer, h, layer.weight, layer.bias, act), None
+            elif h is x:  # never in place on the caller's input
+                h = layer(h)
             else:
                 if act is not None:
                     h = _activate(act, h)
