@@ -222,12 +222,15 @@ def reference_module() -> Any:
     return reference_impl
 
 
-def ab_record(flow: Flow, action: Phi4Action, args: argparse.Namespace) -> dict[str, Any]:
+def ab_record(
+    flow: Flow, action: Phi4Action, args: argparse.Namespace
+) -> dict[str, Any]:
     """The pre-optimisation passes against the current ones, interleaved in this process.
 
     Both run ``z -> (phi, log|det|)`` from the same noise, the flow in eval mode (so the
     training step has no continuous-flow penalty pass: the reference has none), the training step
-    the reverse-KL loss and its backward. CPU ms per call, median over ``--repeats``."""
+    the reverse-KL loss and its backward. CPU ms per call, median over ``--repeats``, and the
+    GFLOP/s of each (the training step's FLOPs without a penalty pass: 3 x the forward's)."""
     ref = reference_module()
     variants = {"reference": lambda z: ref.forward(flow, z), "current": lambda z: flow(z)}
     flow.eval()
@@ -254,7 +257,10 @@ def ab_record(flow: Flow, action: Phi4Action, args: argparse.Namespace) -> dict[
                 call(fwd)
                 times[name].append(1e3 * (time.process_time() - c0))
         med = {k: statistics.median(v) for k, v in times.items()}
+        flops = forward_flops(list(flow.layers), tuple(flow.lattice_shape), batch)[0]
+        flops *= 1 if mode == "sample" else 3
         out[mode] = {"batch": batch, **{f"{k}_cpu_ms": v for k, v in med.items()},
+                     **{f"{k}_gflops": flops / v / 1e6 for k, v in med.items()},
                      "speedup": med["reference"] / med["current"]}  # fmt: skip
     return out
 
@@ -304,7 +310,9 @@ def bench_config(family: str, size: int, args: argparse.Namespace) -> dict[str, 
         if not args.quiet:
             print(f"{family:8s} L={size:<3d} A/B (reference -> current, CPU ms): " + ", ".join(
                 f"{m} {r['reference_cpu_ms']:.1f} -> {r['current_cpu_ms']:.1f} "
-                f"({r['speedup']:.2f}x)" for m, r in out["ab"].items()), flush=True)  # fmt: skip
+                f"({r['speedup']:.2f}x; {r['reference_gflops']:.1f} -> "
+                f"{r['current_gflops']:.1f} GFLOP/s)" for m, r in out["ab"].items()),
+                flush=True)  # fmt: skip
     return out
 
 

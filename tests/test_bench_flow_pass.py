@@ -36,4 +36,4 @@ def test_bench_flow_pass_quick(tmp_path: Path) -> None:
         ab = c["ab"]
         for mode in ("sample", "train"):
             assert ab[mode]["reference_cpu_ms"] > 0 and ab[mode]["current_cpu_ms"] > 0
-            assert ab[mode]["speedup"] > 0
+            assert ab[mode]["speedup"] > 0 and ab[mode]["current_gflops"] > 0
