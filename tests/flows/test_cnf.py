@@ -14,6 +14,7 @@ from flowmc.flows.cnf import (
     TABLEAUS,
     ContinuousFlow,
     _Field,
+    _khat,
     coprime_steps,
     displacement_orbits,
     exact_log_det,
@@ -67,19 +68,21 @@ def test_divergence_is_the_trace_of_the_field_jacobian() -> None:
         assert float(torch.trace(jac)) == pytest.approx(float(div[b].detach()), abs=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(4, 4), (4, 5)])  # the last extent even and odd (rfft bins)
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_field_backward_gradcheck(per_sample: bool) -> None:
-    orbit, n = displacement_orbits((4, 4))
+def test_field_backward_gradcheck(per_sample: bool, shape: tuple[int, int]) -> None:
+    orbit, n = displacement_orbits(shape)
     orbit = torch.as_tensor(orbit)
     g = torch.Generator().manual_seed(1)
-    phi = torch.randn(3, 4, 4, dtype=DT, generator=g, requires_grad=True)
+    phi = torch.randn(3, *shape, dtype=DT, generator=g, requires_grad=True)
     freq = torch.rand(5, dtype=DT, generator=g).requires_grad_()
     mix = torch.randn(3, 5, dtype=DT, generator=g).requires_grad_()
     lin = torch.randn(3, dtype=DT, generator=g).requires_grad_()
     w = torch.randn(3 if per_sample else 1, n, 3, dtype=DT, generator=g).requires_grad_()
 
     def fn(phi, freq, mix, lin, w):  # noqa: ANN001, ANN202
-        return _Field.apply(phi, freq, mix, lin, w[:, orbit].movedim(-1, 1), w[:, 0])
+        khat = _khat(w[:, orbit].movedim(-1, 1), 2)  # the kernels' transforms, as integrate does
+        return _Field.apply(phi, freq, mix, lin, khat, w[:, 0])
 
     assert torch.autograd.gradcheck(fn, (phi, freq, mix, lin, w))
 
