@@ -42,6 +42,7 @@ __all__ = [
     "int_list",
 ]
 
+#: The ``--dtype`` choices: name -> torch dtype.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: Attribute of a parsed namespace: the options the user gave (:func:`given`).
 GIVEN = "_given"
@@ -379,6 +380,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``--dtype`` name (a key of :data:`DTYPES`).
+
+    Raises:
+        ValueError: for any other name.
+
+    Examples:
+        >>> resolve_dtype("float64")
+        torch.float64
+    """
     if name not in DTYPES:
         raise ValueError(f"Expected --dtype in {sorted(DTYPES)}; got {name!r}")
     return DTYPES[name]

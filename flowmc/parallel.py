@@ -33,6 +33,7 @@ __all__ = [
     "barrier",
 ]
 
+#: Timeout of every collective operation, in seconds.
 DEFAULT_TIMEOUT_S = 600.0
 
 

@@ -92,8 +92,11 @@ __all__ = [
     "CROSSING_OBSERVABLES",
 ]
 
+#: The scan directory's settings (written first; a resumed scan must match them).
 MANIFEST = "manifest.json"
+#: The scan's results: every point's observables, the crossings and the free energy.
 SUMMARY_JSON = "summary.json"
+#: The points of :data:`SUMMARY_JSON` as a CSV table, one row per (L, λ).
 SUMMARY_CSV = "summary.csv"
 _LOGZ_SUFFIX = ".logz.json"
 #: Manifest ``format`` and its version.

@@ -56,10 +56,11 @@ def _scan_config(seed: int = 0) -> ScanConfig:
 
 
 def _flow(path: Path, L: int = 2, m2: float = -1.0, lam: float = 1.0,
-          cond: tuple[float, float] | None = None) -> Path:  # fmt: skip
+          cond: tuple[float, float] | None = None, seed: int | None = None) -> Path:  # fmt: skip
     cfg = FlowConfig((L, L), n_layers=2, hidden=(4,),
                      condition={} if cond is None else {"lam": list(cond)})  # fmt: skip
-    save_checkpoint(path, build_flow(cfg), Phi4Action(m2, lam, (L, L)))
+    meta = None if seed is None else {"seed": seed}
+    save_checkpoint(path, build_flow(cfg), Phi4Action(m2, lam, (L, L)), meta=meta)
     return path
 
 
@@ -656,19 +657,44 @@ def _script(name: str):  # noqa: ANN202
     return mod
 
 
+def _tutorial_reuse_loop() -> str:
+    """The tutorial notebook's loop that reuses or trains ``conditional_L<L>.pt`` (its scan
+    cell, up to the end of the loop)."""
+    nb = json.loads((REPO / "docs" / "tutorial.ipynb").read_text())
+    for cell in nb["cells"]:
+        src = "".join(cell["source"])
+        if cell["cell_type"] == "code" and 'f"conditional_L{L}.pt"' in src:
+            lines = [ln for ln in src.splitlines() if not ln.startswith("%%")]
+            end = next(i for i, ln in enumerate(lines) if ln.strip() == "models[L] = cond")
+            return "\n".join(lines[: end + 1])
+    raise AssertionError("the tutorial notebook has no conditional-flow reuse loop")
+
+
 def test_tutorial_refuses_a_foreign_conditional_flow(tmp_path: Path) -> None:
-    """scripts/tutorial.py reuses ``conditional_L<L>.pt`` of an earlier run. Failed before: any
-    checkpoint there was used (here: conditioned on another range)."""
-    tut = _script("tutorial")
-    P = tut.QUICK
-    (tmp_path / "work").mkdir()
-    lo, hi = P.scan_range
-    _flow(tmp_path / "work" / "conditional_L2.pt", L=2, m2=P.m2, lam=(lo + hi) / 2,
-          cond=(lo, hi + 1.0))  # fmt: skip
+    """The tutorial notebook reuses ``conditional_L<L>.pt`` of an earlier run. Failed before: any
+    checkpoint there was used (here: conditioned on another range). Positive control: the flow
+    the notebook would train is reused without training."""
+    from types import SimpleNamespace
+
+    from flowmc.io.identity import check_checkpoint
+
+    work = tmp_path / "work"
+    work.mkdir()
+    P = SimpleNamespace(scan_range=(3.5, 5.0), scan_sizes=[2], scan_steps=[1], m2=-4.0)
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the notebook trained instead of reusing")
+
+    ns = {"P": P, "work": work, "Phi4Action": Phi4Action, "check_checkpoint": check_checkpoint,
+          "train_flow": no_training}  # fmt: skip
+    _flow(work / "conditional_L2.pt", L=2, m2=-4.0, lam=4.25, cond=(3.5, 6.0), seed=0)
     with pytest.raises(ValueError) as exc:
-        tut.step_scan(P, tmp_path / "out", tmp_path / "work")
+        exec(_tutorial_reuse_loop(), dict(ns))
     assert "conditional_L2.pt: condition is [3.5, 6.0], this run needs [3.5, 5.0]" in _single(exc)
-    assert not (tmp_path / "work" / "scan").exists()
+    _flow(work / "conditional_L2.pt", L=2, m2=-4.0, lam=4.25, cond=(3.5, 5.0), seed=0)
+    run = dict(ns)
+    exec(_tutorial_reuse_loop(), run)
+    assert run["models"] == {2: work / "conditional_L2.pt"}
 
 
 def test_bench_hybrid_refuses_a_foreign_flow(tmp_path: Path) -> None:

@@ -7,9 +7,7 @@ import contextlib
 import importlib.util
 import io
 import json
-import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,126 +134,6 @@ def test_bench_distributed_quick(tmp_path):
     res = json.loads(gpu.read_text())
     assert res["mode"] == "gpu" and res["train"]["steps_per_second"] > 0
     assert 0 <= res["flow_mh"]["acceptance"] <= 1 and res["flow_mh"]["model"] == "trained here"
-
-
-# ============================================================================ the tutorial
-DOC = ROOT / "docs" / "tutorial.md"
-
-
-def _tutorial():
-    """scripts/tutorial.py as a module (registered first: its dataclasses need that)."""
-    name = "flowmc_tutorial_script"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "tutorial.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _committed_numbers(tut) -> dict:
-    path = tut.DEFAULT_OUT / tut.NUMBERS
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def test_tutorial_quick(tmp_path):
-    """The tutorial's quick mode end to end (< 60 s): every figure and number the doc shows is
-    produced, the exact checks of the text hold, a rerun reuses every step, an interrupted step
-    continues from its files, and the committed doc and figures are never touched."""
-    from scipy.stats import norm
-
-    tut = _tutorial()
-    out, work = tmp_path / "out", tmp_path / "work"
-    args = ["--quick", "--out", str(out), "--work", str(work)]
-    committed = {p: p.stat().st_mtime_ns for p in [DOC, *tut.DEFAULT_OUT.rglob("*")]
-                 if p.is_file()}  # fmt: skip
-    log = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(log):
-        assert tut.main(args) == 0
-    numbers = json.loads((out / tut.NUMBERS).read_text())
-    assert numbers["params"] == tut._params(tut.QUICK) and numbers["torch_threads"] == 1
-    doc = DOC.read_text()
-    images = re.findall(r"\]\(tutorial/([^)]+\.png)\)", doc)
-    assert len(images) >= 15
-    for img in images:
-        assert (out / img).is_file(), img
-    missing = [k for k in tut.number_keys(doc) if tut.lookup(numbers, k) is tut.MISSING]
-    assert missing == []
-    steps = numbers["steps"]
-    # exact statements of the text (float64): the action, one layer, the stack
-    assert steps["action"]["max_rel_diff"] < 1e-13
-    n_sites = 1024 * tut.QUICK.L**2  # the std of N(0, 1) draws has standard error 1/sqrt(2N)
-    assert abs(steps["action"]["prior_std"] - 1) < 5 / math.sqrt(2 * n_sites)
-    assert steps["coupling"]["round_trip"] < 1e-12 and steps["coupling"]["log_det_sum"] < 1e-12
-    assert steps["coupling"]["log_det_autograd_diff"] < 1e-10
-    assert steps["coupling"]["frozen_block_max"] == 0.0
-    assert steps["stack"]["log_prob_diff"] < 1e-10
-    # broken phase: q alone misses a mode (the negative control: 4,096 draws, none with M > 0
-    # where 1/2 is expected), flow MH with q_s gives <m> = 0 within its error, local HMC
-    # without the flip is flagged
-    broken = steps["broken"]
-    assert broken["frac_q"] < 0.05
-    assert abs(broken["flow_m"]["value"]) / broken["flow_m"]["error"] < norm.ppf(1 - 0.01 / 2)
-    assert min(broken["flow_crossings"]) > 0 and broken["hmc_z2_warning"]
-    # a rerun reuses every step and rewrites nothing
-    files = {p: p.stat().st_mtime_ns for p in [*out.rglob("*"), *work.rglob("*")] if p.is_file()}
-    log = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(log):
-        assert tut.main(args) == 0
-    assert log.getvalue().count("done (cached)") == len(tut.STEPS)
-    assert files == {p: p.stat().st_mtime_ns for p in files}
-    # an interrupted last step (its numbers never written) continues from its files: the
-    # conditional flows and the finished scan points are reused, nothing earlier is redone
-    del numbers["steps"]["scan"]
-    (out / tut.NUMBERS).write_text(json.dumps({"flowmc_report": "tutorial", **numbers}))
-    log = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(log):
-        assert tut.main(args) == 0
-    assert log.getvalue().count("done (cached)") == len(tut.STEPS) - 1
-    assert "scan" in json.loads((out / tut.NUMBERS).read_text())["steps"]
-    for p in [work / "flow.pt", work / "flow_mh.h5", *work.glob("conditional_L*.pt"),
-              *(work / "scan").glob("*.h5")]:  # fmt: skip
-        assert p.stat().st_mtime_ns == files[p], p
-    # another run's parameters in the same folders are refused, before anything runs
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert tut.main(["--out", str(out), "--work", str(work)]) == 2
-    assert committed == {p: p.stat().st_mtime_ns for p in committed}
-
-
-def test_tutorial_doc_renders_from_the_script():
-    """docs/tutorial.md is what scripts/tutorial.py renders (code blocks, numbers, tables):
-    after editing either, run ``python scripts/tutorial.py --render-doc``."""
-    tut = _tutorial()
-    doc = DOC.read_text()
-    numbers = _committed_numbers(tut)
-    assert tut.render_doc(doc, numbers) == doc, "run: python scripts/tutorial.py --render-doc"
-    blocks = tut.CODE_RE.findall(doc)
-    assert sorted(b[1] for b in blocks) == sorted({*tut.STEPS, "imports", "params"})
-    # negative controls: a changed line of a step, or a new number, changes the page
-    source = (ROOT / "scripts" / "tutorial.py").read_text()
-    edited = source.replace('out / "coupling.png"', 'out / "layer.png"')
-    assert edited != source and tut.render_doc(doc, numbers, source=edited) != doc
-    other = json.loads(json.dumps(numbers or {"steps": {}}))
-    other.setdefault("steps", {}).setdefault("train", {})["steps"] = 123456
-    assert tut.render_doc(doc, other) != doc
-
-
-def test_tutorial_cli_commands_parse():
-    """Every ``flowmc ...`` line of the tutorial's shell blocks is a valid command line."""
-    import shlex
-
-    from flowmc.cli import build_parser
-
-    _, commands = build_parser()
-    blocks = re.findall(r"```bash\n(.*?)```", DOC.read_text(), re.S)
-    lines = [ln for b in blocks for ln in b.splitlines() if ln.startswith("flowmc ")]
-    assert len(lines) >= 12
-    for line in lines:
-        argv = shlex.split(line, comments=True)[1:]
-        commands[argv[0]].parse_args(argv[1:])  # exits (SystemExit) on an unknown option
-    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
-        commands["sample"].parse_args(["--model", "flow.pt", "--n-configs", "5"])  # control
 
 
 def test_bench_train_quick(tmp_path):

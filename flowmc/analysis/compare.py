@@ -166,18 +166,18 @@ def compare(
         A JSON-ready dict with keys
 
         * ``labels``: one label per ensemble (the sampler names; ``"A (name)"``, ... if two
-          names coincide); ``reference``: the first label;
+            names coincide); ``reference``: the first label;
         * ``ensembles``: ``{label: ensemble_cost(...) + {"acceptance", "acceptance_by_kernel",
-          "n_analysed"}}``;
+            "n_analysed"}}``;
         * ``same_action``: whether all ensembles sample the same action;
         * ``observables``: ``{name: {label: stats, "pairwise_z": {a: {b: z}}}}`` for every
-          observable of :data:`~flowmc.analysis.ensemble.SCALAR_KEYS` that all analyses report,
-          where ``stats`` holds ``value, error, tau_int, tau_int_error, ess, (reliable),
-          cost_per_independent_s, cost_per_independent_with_training_s, z_vs_reference,
-          cost_ratio_vs_reference, break_even_independent`` (``{other label: number}`` for
-          an ensemble with a known training time); with exactly two ensemble also the
-          two-way keys ``diff, diff_error, diff_sigma`` (first minus second), ``cost_ratio``
-          (first / second) and ``break_even_independent_<label>``;
+            observable of :data:`~flowmc.analysis.ensemble.SCALAR_KEYS` that all analyses report,
+            where ``stats`` holds ``value, error, tau_int, tau_int_error, ess, (reliable),
+            cost_per_independent_s, cost_per_independent_with_training_s, z_vs_reference,
+            cost_ratio_vs_reference, break_even_independent`` (``{other label: number}`` for
+            an ensemble with a known training time); with exactly two ensemble also the
+            two-way keys ``diff, diff_error, diff_sigma`` (first minus second), ``cost_ratio``
+            (first / second) and ``break_even_independent_<label>``;
         * ``warnings``: list of strings.
 
     Raises:

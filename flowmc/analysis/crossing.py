@@ -241,8 +241,10 @@ def find_crossing(
 
     Args:
         lams: ``(K,)`` strictly increasing couplings, ``K >= 2``.
-        y1, err1: ``(K,)`` the first curve (volume ``sizes[0]``) and its errors (>= 0).
-        y2, err2: ``(K,)`` the second curve and its errors.
+        y1: ``(K,)`` the first curve (volume ``sizes[0]``).
+        err1: ``(K,)`` its errors (>= 0).
+        y2: ``(K,)`` the second curve.
+        err2: ``(K,)`` its errors (>= 0).
         observable: name of the curves (for the result and notes).
         sizes: the two volumes ``(L1, L2)`` (for the result and notes).
         method: ``"quadratic"`` or ``"linear"`` interpolation.

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 __all__ = ["PeriodicCNN", "ACTIVATIONS", "with_context", "Blur"]
 
+#: The conditioners' activation functions by name.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
     "relu": nn.ReLU,

@@ -50,6 +50,7 @@ __all__ = [
     "FORMAT",
 ]
 
+#: The ``format`` entry of every flowmc checkpoint.
 FORMAT = CHECKPOINT_FORMAT
 FORMAT_VERSION = CHECKPOINT_FORMAT_VERSION
 

@@ -337,7 +337,9 @@ def write_atomic(
     Args:
         path: the destination.
         write: the bytes to write, or ``write(tmp_path)`` that writes the file itself.
-        fmt, kind, inputs: as for :func:`check_output`.
+        fmt: as for :func:`check_output`.
+        kind: as for :func:`check_output`.
+        inputs: as for :func:`check_output`.
 
     Returns:
         The destination path.

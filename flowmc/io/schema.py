@@ -52,7 +52,9 @@ __all__ = [
     "empty_slot",
 ]
 
+#: The root attribute ``format`` of every ensemble file.
 FORMAT = ENSEMBLE_FORMAT
+#: The schema version this flowmc writes (and the newest it reads).
 SCHEMA_VERSION = ENSEMBLE_SCHEMA_VERSION
 
 #: The root attributes, in the order a writer creates them (``shards`` only in a join).

@@ -9,7 +9,7 @@ One :func:`cluster` step of every chain is
 2. ``num_clusters`` **Wolff single-cluster flips** of the embedded Ising variables
    :math:`s_x = \operatorname{sign}\phi_x` at fixed :math:`|\phi_x|`.
 
-**The bond probability in flowmc's normalisation.** :class:`~flowmc.action.Phi4Action` is
+**The bond probability in flowmc's normalisation.** :class:`~flowmc.lattice.action.Phi4Action` is
 :math:`S = \sum_n[\sum_\mu(2\phi_n^2 - \phi_n\phi_{n+\hat\mu} - \phi_n\phi_{n-\hat\mu})
 + m^2\phi_n^2 + \lambda\phi_n^4]`. Since :math:`\sum_n\phi_n\phi_{n-\hat\mu} =
 \sum_n\phi_n\phi_{n+\hat\mu}`, the hopping term is :math:`-2\sum_{n,\mu}\phi_n\phi_{n+\hat\mu}`:
@@ -59,7 +59,7 @@ re-examined: its far end, if it joins later, finds the near end already in the c
 uniform pre-drawn per bond realises the same law as drawing on demand.
 
 **Randomness.** Everything comes from the passed ``rng``: one ``uniform`` call per step draws, for
-every chain from its own stream (:class:`~flowmc.rng.ChainRNG`), ``num_hits V`` proposal and
+every chain from its own stream (:class:`~flowmc.mcmc.rng.ChainRNG`), ``num_hits V`` proposal and
 ``num_hits V`` accept uniforms, then per cluster one seed uniform and ``V d`` bond uniforms. The
 compiled code consumes chain ``c``'s row only, so a chain's trajectory does not depend on the
 chains beside it, and saving the generator states resumes bit for bit. (A plain
@@ -377,7 +377,7 @@ def init(phi: Tensor, action: Phi4Action) -> ClusterState:
 
     Args:
         phi: ``(C, *L)`` float64 CPU configurations, finite.
-        action: the :class:`~flowmc.action.Phi4Action`.
+        action: the :class:`~flowmc.lattice.action.Phi4Action`.
 
     Raises:
         ValueError: for a wrong shape, dtype or device, non-finite values, or an action that
@@ -412,7 +412,7 @@ def build_kernel(
     r"""Build ``step(state, rng) -> (state, info)``: one Metropolis sweep, then the clusters.
 
     Args:
-        action: the :class:`~flowmc.action.Phi4Action` (even extents >= 2, any dimension).
+        action: the :class:`~flowmc.lattice.action.Phi4Action` (even extents >= 2, any dimension).
         step_size: Metropolis proposal half-width :math:`\delta > 0`.
         num_hits: Metropolis hits per site and sweep (>= 0; 0 skips the sweep).
         num_clusters: Wolff clusters per step (>= 0; 0 skips them).
@@ -487,7 +487,7 @@ def cluster(
     """User-facing kernel: ``SamplingAlgorithm(init, step, adopt)`` with the action bound in.
 
     Args:
-        action: the :class:`~flowmc.action.Phi4Action` (even extents, any dimension).
+        action: the :class:`~flowmc.lattice.action.Phi4Action` (even extents, any dimension).
         step_size: Metropolis proposal half-width :math:`\\delta > 0`.
         num_hits: Metropolis hits per site and sweep.
         num_clusters: Wolff clusters per step.

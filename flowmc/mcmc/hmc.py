@@ -631,7 +631,9 @@ def tune_step_size(
         integrator: ``"leapfrog"`` or ``"omelyan"``.
         initial_step_size: :math:`\epsilon_0`; if ``None``, found by
             :func:`find_reasonable_step_size`.
-        gamma, t0, kappa: dual-averaging constants (defaults from the NUTS paper).
+        gamma: dual-averaging constant (default from the NUTS paper).
+        t0: dual-averaging constant (default from the NUTS paper).
+        kappa: dual-averaging constant (default from the NUTS paper).
         max_num_steps: the step size used is clipped to
             ``[traj_length / max_num_steps, traj_length]`` so that a run of rejections cannot
             make a trajectory arbitrarily expensive.

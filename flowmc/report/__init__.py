@@ -11,37 +11,31 @@ own **kind** (JSON reports carry ``"flowmc_report": "<kind>"``, PNG plots the te
 ``Software: flowmc <kind>``), never an ensemble, a checkpoint, an input of the command or a
 foreign file, and it is written atomically. The kinds:
 
-========================  ================================================================
-JSON kind                 written by
-========================  ================================================================
-``analysis``              ``flowmc analyze --json``
-``compare``               ``flowmc compare --json``
-``eval``                  ``flowmc eval --json``
-``summary``               ``flowmc sample|hmc --json`` (the run summary)
-``scan``                  ``flowmc scan``: ``DIR/summary.json`` (and the CSV ``summary.csv``)
-``scan-manifest``         ``flowmc scan``: ``DIR/manifest.json`` (the scan's settings)
-``scan-logz``             ``flowmc scan``: ``DIR/L<L>_lam<lam>.logz.json`` (a flow's log Z)
-``tutorial``              ``scripts/tutorial.py``: ``OUT/tutorial.json`` (the numbers of the doc)
-``tutorial-params``       ``scripts/tutorial.py``: ``WORK/params.json`` (the run's sizes)
-========================  ================================================================
+| JSON kind | written by |
+|---|---|
+| ``analysis`` | ``flowmc analyze --json`` |
+| ``compare`` | ``flowmc compare --json`` |
+| ``eval`` | ``flowmc eval --json`` |
+| ``summary`` | ``flowmc sample --json`` and ``flowmc hmc --json`` (the run summary) |
+| ``scan`` | ``flowmc scan``: ``DIR/summary.json`` (and the CSV ``summary.csv``) |
+| ``scan-manifest`` | ``flowmc scan``: ``DIR/manifest.json`` (the scan's settings) |
+| ``scan-logz`` | ``flowmc scan``: ``DIR/L<L>_lam<lam>.logz.json`` (a flow's log Z) |
 
 CSV reports (:func:`write_csv`) start with the line ``# flowmc_report: <kind>``.
 
-========================  ================================================================
-PNG kind                  file
-========================  ================================================================
-``analysis-history``      ``analyze --plots DIR``: ``history.png``
-``analysis-hist-m``       ``hist_m.png``
-``analysis-correlators``  ``correlators.png``
-``analysis-autocorr``     ``autocorr.png``
-``action-vs-effective``   ``action_vs_effective.png`` (analyze) and ``eval --plot``
-``compare``               ``compare --plots DIR``: ``cost_per_independent.png``
-``train-history``         ``flowmc train`` (``--plot``, default ``<out>.train.png``)
-``configurations``        :func:`plot_configurations` (``scripts/tutorial.py``)
-``coupling``              :func:`plot_coupling` (``scripts/tutorial.py``)
-``histograms``            :func:`plot_histograms` (``scripts/tutorial.py``)
-``scan-chi2``             ``flowmc scan``: ``DIR/chi2.png`` (and :data:`SCAN_PLOTS`)
-========================  ================================================================
+| PNG kind | file |
+|---|---|
+| ``analysis-history`` | ``analyze --plots DIR``: ``history.png`` |
+| ``analysis-hist-m`` | ``hist_m.png`` |
+| ``analysis-correlators`` | ``correlators.png`` |
+| ``analysis-autocorr`` | ``autocorr.png`` |
+| ``action-vs-effective`` | ``action_vs_effective.png`` (analyze) and ``eval --plot`` |
+| ``compare`` | ``compare --plots DIR``: ``cost_per_independent.png`` |
+| ``train-history`` | ``flowmc train`` (``--plot``, default ``<out>.train.png``) |
+| ``configurations`` | :func:`plot_configurations` (the tutorial, ``docs/tutorial.ipynb``) |
+| ``coupling`` | :func:`plot_coupling` (the tutorial) |
+| ``histograms`` | :func:`plot_histograms` (the tutorial) |
+| ``scan-chi2`` | ``flowmc scan``: ``DIR/chi2.png`` (and :data:`SCAN_PLOTS`) |
 """
 
 from __future__ import annotations

@@ -84,6 +84,9 @@ def _int_steps(model: LoadedModel) -> dict:
 
 
 class FlowIMHSampler:
+    """Flow independence Metropolis–Hastings (:func:`flowmc.mcmc.imh.flow_imh`): ``sub_steps``
+    chain steps per flow call, every row records the proposal's ``log_q`` and ``log_weight``."""
+
     name = "flow-imh"
     scalars = ("action", "log_q", "log_weight", "accepted", "magnetization")
 
@@ -158,6 +161,9 @@ class FlowIMHSampler:
 
 
 class HMCSampler:
+    """Local HMC (:func:`flowmc.mcmc.hmc.hmc`): the step size is tuned during warm-up, then
+    fixed; one trajectory per row, which records the energy error ``delta_h``."""
+
     name = "hmc"
     scalars = ("action", "accepted", "delta_h", "magnetization")
     sub_steps = 1

@@ -239,7 +239,7 @@ def run_sharded(
     """:func:`flowmc.sampling.run.run_ensemble` over the ranks of a distributed job, or in one
     process.
 
-    Joins the job's process group (:func:`flowmc.training.parallel.process_group`: under torchrun,
+    Joins the job's process group (:func:`flowmc.parallel.process_group`: under torchrun,
     or one the caller initialised). With one process it is :func:`~flowmc.sampling.run.run_ensemble`
     (one ordinary file ``out``). With ``W > 1`` ranks every rank runs its block of
     ``config.chains`` into its shard and rank 0 writes the join ``out`` (module docstring).
@@ -254,8 +254,7 @@ def run_sharded(
         progress: a progress bar (rank 0's chains only).
         meta: extra metadata of every shard (and of the join).
         **kwargs: the other keyword arguments of :func:`~flowmc.sampling.run.run_ensemble`
-        (``model``,
-            ``action``, ``dtype``, storage options, ``command_line``, ...).
+            (``model``, ``action``, ``dtype``, storage options, ``command_line``, ...).
 
     Returns:
         The summary of :func:`~flowmc.sampling.run.run_ensemble` for the whole job (the same dict on

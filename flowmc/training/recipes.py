@@ -82,6 +82,7 @@ _CNF_TRAIN = {
     "batch_size": 64, "lr": 5e-3, "betas": (0.8, 0.9), "schedule": "cosine",
     "lr_min_factor": 0.05,
 }
+#: The named recipes: ``{name: {"flow": FlowConfig fields, "train": TrainConfig fields}}``.
 RECIPES: dict[str, dict] = {
     "seed": {
         "flow": {"n_layers": 16, "hidden": (8, 8), "kernel_size": 3, "activation": "leaky_relu"},

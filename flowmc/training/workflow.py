@@ -518,8 +518,10 @@ def train_staged(
         action: the target on the final lattice (the stages use the same couplings).
         recipe: the recipe name.
         out: the final checkpoint.
-        resume, force: as for :func:`train_flow`, for every stage file.
-        flow_overrides, train_overrides: see above.
+        resume: as for :func:`train_flow`, for every stage file.
+        force: as for :func:`train_flow`, for every stage file.
+        flow_overrides: see above.
+        train_overrides: see above.
         progress: progress bars.
         stages: explicit stages instead of the recipe's plan (the last one's lattice must be the
             action's).
