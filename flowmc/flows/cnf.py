@@ -363,23 +363,29 @@ class ContinuousFlow(nn.Module):
         return torch.cat([torch.ones_like(t)[:, None], torch.sin(arg), torch.cos(arg)], 1)
 
     def _kernels(self, times: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Real-space kernels at ``times (T,)``: ``(T, Bk, C, *L)`` and ``(T, Bk, C)``."""
+        """The kernels at ``times (T,)`` as :class:`_Field` takes them: their Fourier transforms
+        ``(T, C, Bk, *K)`` and their values at ``r = 0``, ``(T, Bk, C)``.
+
+        A conditional layer's kernels are polynomials in the context: the ``degree + 1``
+        coefficient kernels are transformed (``T (degree + 1) C`` FFTs) and combined per sample
+        in Fourier space, instead of transforming ``T B C`` per-sample kernels."""
         tf = self._time_features(times)  # (T, n_time)
         basis = _poly(context, self.degree, self.weight)
+        n_dims = len(self.lattice_shape)
         if basis is None:
             kw = torch.einsum("oct,Tt->Toc", self.weight, tf).unsqueeze(1)  # (T, 1, O, C)
-        else:
-            kw = torch.einsum("octp,Tt,bp->Tboc", self.weight, tf, basis)  # (T, B, O, C)
-        kernel = kw[:, :, self.orbit]  # (T, Bk, *L, C)
-        return kernel.movedim(-1, 2), kw[:, :, 0, :]
+            return _khat(kw[:, :, self.orbit].movedim(-1, 2), n_dims), kw[:, :, 0, :]
+        kw = torch.einsum("octp,Tt->Tpoc", self.weight, tf)  # (T, P, O, C)
+        khat_p = _khat(kw[:, :, self.orbit].movedim(-1, 2), n_dims)  # (T, C, P, *K)
+        khat = torch.einsum("tcp...,bp->tcb...", khat_p, basis).contiguous()
+        return khat, torch.einsum("tpc,bp->tbc", kw[:, :, 0, :], basis)
 
     def field(
         self, phi: Tensor, t: float, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """The vector field and its divergence at time ``t``: ``(v (B, *L), div (B,))``."""
-        kernel, k0 = self._kernels(torch.tensor([float(t)], dtype=phi.dtype), context)
-        khat = _khat(kernel[0], len(self.lattice_shape))
-        return _Field.apply(phi, self.freq, self.mix, self.lin, khat, k0[0])
+        khat, k0 = self._kernels(torch.tensor([float(t)], dtype=phi.dtype), context)
+        return _Field.apply(phi, self.freq, self.mix, self.lin, khat[0], k0[0])
 
     def integrate(
         self,
@@ -410,8 +416,7 @@ class ContinuousFlow(nn.Module):
         times = ((torch.arange(n, dtype=x.dtype, device=x.device)[:, None] + nodes) * h).ravel()
         if reverse:
             times = 1.0 - times
-        kernel, k0 = self._kernels(times, context)
-        khat = _khat(kernel, len(self.lattice_shape))  # every stage's kernels at once
+        khat, k0 = self._kernels(times, context)  # every stage's kernels at once
         per_sample = k0.shape[1] > 1
         volume = math.prod(self.lattice_shape)
         size = max(1, self.chunk_sites // volume) if self.chunk_sites > 0 else x.shape[0]

@@ -177,6 +177,20 @@ class Field(torch.autograd.Function):
         return gphi.reshape(phi.shape), gfreq, gmix, glin, gkernel, gk0
 
 
+def kernels(layer: ContinuousFlow, times: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The old ``ContinuousFlow._kernels``: real-space kernels ``(T, Bk, C, *L)`` (one per sample
+    for a conditional layer) and ``(T, Bk, C)``."""
+    tf = layer._time_features(times)
+    basis = None if layer.degree is None else torch.stack(
+        [context.reshape(-1).to(layer.weight.dtype) ** p for p in range(layer.degree + 1)], 1)
+    if basis is None:
+        kw = torch.einsum("oct,Tt->Toc", layer.weight, tf).unsqueeze(1)
+    else:
+        kw = torch.einsum("octp,Tt,bp->Tboc", layer.weight, tf, basis)
+    kernel = kw[:, :, layer.orbit]
+    return kernel.movedim(-1, 2), kw[:, :, 0, :]
+
+
 def integrate(
     layer: ContinuousFlow, x: Tensor, context: Tensor | None = None, *, steps: int | None = None,
     reverse: bool = False, integrator: str | None = None,
@@ -189,7 +203,7 @@ def integrate(
     times = ((torch.arange(n, dtype=x.dtype, device=x.device)[:, None] + nodes) * h).ravel()
     if reverse:
         times = 1.0 - times
-    kernel, k0 = layer._kernels(times, context)
+    kernel, k0 = kernels(layer, times, context)
     sign = -1.0 if reverse else 1.0
     ell = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     n_stages = len(tab.c)
