@@ -539,11 +539,11 @@ def check_integration(
     flow, lam = base_flow(proposal)
     found = [] if flow is None else flow.integration_discrepancy(n, lam=lam)
     for d in found:
-        if not d.rms <= tolerance:
+        if not d.sd <= tolerance:
             raise ValueError(
                 f"{name}: its continuous flow's log density is not converged at {d.steps} "
-                f"integration steps (rms of l_N - l_2N = {d.rms:.2g} > tolerance {tolerance:g}); "
-                "use more steps (--int-steps) or retrain"
+                f"integration steps (sd of l_N - l_2N over draws = {d.sd:.2g} > tolerance "
+                f"{tolerance:g}); use more steps (--int-steps) or retrain"
             )
     return found
 

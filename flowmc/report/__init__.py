@@ -792,8 +792,8 @@ def eval_table(res: Any) -> str:
     ]
     for i in d.get("integration", []):
         lines.append(
-            f"log q error  {i['steps']} steps: l_N - l_2N rms {i['rms']:.2g}, max {i['max']:.2g} "
-            f"on {i['n']} draws (tolerance {i['tolerance']:g}: "
+            f"log q error  {i['steps']} steps: l_N - l_2N sd {i['sd']:.2g} (mean {i['mean']:.2g}, "
+            f"max {i['max']:.2g}) on {i['n']} draws (tolerance on sd {i['tolerance']:g}: "
             + ("within" if i["within"] else "EXCEEDED, flowmc sample refuses it")
             + f"); round trip {i['round_trip']:.2g}"
         )

@@ -94,8 +94,9 @@ class FlowEvaluation:
         sign_balance: the Z2 sign rule's outcome (``None`` if the target is not Z2 symmetric).
         by_magnetization: where the flow errs, per bin of the magnetisation density
             :math:`\bar\phi` (:func:`weights_by_magnetization`).
-        integration: for a flow with continuous layers, one dict per layer: ``steps``, ``rms`` and
-            ``max`` of the log-density discrepancy :math:`\ell_N - \ell_{2N}`, the backward
+        integration: for a flow with continuous layers, one dict per layer: ``steps``, ``sd``,
+            ``mean``, ``rms`` and ``max`` of the log-density discrepancy
+            :math:`\ell_N - \ell_{2N}` over the draws, the backward
             integration's ``round_trip`` error, the ``tolerance`` ``flowmc sample`` applies and
             whether it is ``within`` it (:func:`flowmc.flows.flow.check_integration`); ``[]``
             otherwise.
@@ -298,7 +299,7 @@ def integration_report(proposal: torch.nn.Module, n: int = 256) -> list[dict[str
         return []
     return [
         {**d._asdict(), "tolerance": DISCREPANCY_TOLERANCE,
-         "within": bool(d.rms <= DISCREPANCY_TOLERANCE)}
+         "within": bool(d.sd <= DISCREPANCY_TOLERANCE)}
         for d in flow.integration_discrepancy(n, lam=lam)
     ]
 
