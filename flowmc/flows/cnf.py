@@ -74,6 +74,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flowmc._checks import check_int
+
 __all__ = [
     "TABLEAUS",
     "DISCREPANCY_TOLERANCE",
@@ -320,8 +322,7 @@ class ContinuousFlow(nn.Module):
         for name, value, lo in (("n_freq", n_freq, 1), ("n_channels", n_channels, 1),
                                 ("n_time", n_time, 1), ("int_steps", int_steps, 1),
                                 ("penalty_batch", penalty_batch, 0)):  # fmt: skip
-            if isinstance(value, bool) or int(value) != value or value < lo:
-                raise ValueError(f"Expected an integer {name} >= {lo}; got {value!r}")
+            check_int(name, value, lo, strict=False)
         if n_time % 2 != 1:
             raise ValueError(f"Expected an odd n_time (a constant and sine/cosine pairs); got "
                              f"{n_time}")  # fmt: skip

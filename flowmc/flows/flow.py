@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import Tensor, nn
 
+from flowmc._checks import check_int
 from flowmc.flows.cnf import DISCREPANCY_TOLERANCE, ContinuousFlow, Discrepancy, log_det_discrepancy
 from flowmc.flows.couplings import AffineCoupling, checkerboard
 from flowmc.flows.nets import Blur, PeriodicCNN
@@ -341,8 +342,7 @@ class Flow(nn.Module):
         Raises:
             ValueError: if ``n`` is not an integer >= 1 or the flow has no continuous layers.
         """
-        if isinstance(n, bool) or int(n) != n or n < 1:
-            raise ValueError(f"Expected int_steps an integer >= 1; got {n!r}")
+        n = check_int("int_steps", n, 1, strict=False)
         if not self.continuous_layers:
             raise ValueError("Expected a flow with continuous layers (coupling cnf); this has none")
         for layer in self.continuous_layers:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowmc._checks import check_int, is_int
 from flowmc.mcmc import cluster as CL
 from flowmc.mcmc.hmc import ChainMean, local_mean
 from flowmc.mcmc.rng import RNG_SCHEME, ChainRNG
@@ -49,12 +50,6 @@ __all__ = ["ClusterSettings", "ClusterSampler", "CLUSTER_SCALARS"]
 
 #: Per-row scalars of a cluster ensemble.
 CLUSTER_SCALARS = ("action", "metropolis_acceptance", "cluster_size", "magnetization")
-
-
-def _int_at_least(name: str, value: Any, minimum: int, why: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"Expected an integer {name} >= {minimum}{why}; got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -77,11 +72,13 @@ class ClusterSettings:
     step_size: float | None = None
 
     def __post_init__(self) -> None:
-        _int_at_least("num_hits", self.num_hits, 1,
-                      " (the clusters keep |phi|: without Metropolis hits the chain is not "
-                      "ergodic)")  # fmt: skip
-        _int_at_least("num_clusters", self.num_clusters, 0)
-        _int_at_least("warmup", self.warmup, 0)
+        if not is_int(self.num_hits, minimum=1):  # the reason is part of the message
+            raise ValueError(
+                "Expected an integer num_hits >= 1 (the clusters keep |phi|: without Metropolis "
+                f"hits the chain is not ergodic); got {self.num_hits!r}"
+            )
+        check_int("num_clusters", self.num_clusters, 0)
+        check_int("warmup", self.warmup, 0)
         if not (isinstance(self.target_accept, (int, float)) and 0.0 < self.target_accept < 1.0):
             raise ValueError(f"Expected target_accept in (0, 1); got {self.target_accept!r}")
         if self.step_size is not None:

@@ -282,7 +282,7 @@ def test_check_integration_refuses_a_coarse_flow() -> None:
     with pytest.raises(ValueError, match=r"coarse\.pt: its continuous flow's log density is not "
                        r"converged at 2 integration steps \(sd of l_N - l_2N"):
         check_integration(flow, "coarse.pt")
-    with pytest.raises(ValueError, match="Expected int_steps an integer >= 1"):
+    with pytest.raises(ValueError, match="Expected an integer int_steps >= 1"):
         flow.set_int_steps(0)
 
 
