@@ -75,6 +75,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmc._checks import check_int
+from flowmc.flows.spectral import poly_basis
 
 __all__ = [
     "TABLEAUS",
@@ -167,17 +168,6 @@ def coprime_steps(n: int) -> int:
     while math.gcd(m, n) != 1:
         m -= 1
     return m
-
-
-def _poly(context: Tensor | None, degree: int | None, like: Tensor) -> Tensor | None:
-    if degree is None:
-        if context is not None:
-            raise ValueError("Expected no context for an unconditional continuous flow")
-        return None
-    if context is None:
-        raise ValueError("Expected a context (B,) for a conditional continuous flow; got None")
-    t = context.reshape(-1).to(like.dtype)
-    return torch.stack([t**p for p in range(degree + 1)], 1)  # (B, P)
 
 
 def _khat(kernel: Tensor, n_dims: int) -> Tensor:
@@ -375,7 +365,7 @@ class ContinuousFlow(nn.Module):
         coefficient kernels are transformed (``T (degree + 1) C`` FFTs) and combined per sample
         in Fourier space, instead of transforming ``T B C`` per-sample kernels."""
         tf = self._time_features(times)  # (T, n_time)
-        basis = _poly(context, self.degree, self.weight)
+        basis = poly_basis(context, self.degree, self.weight)
         n_dims = len(self.lattice_shape)
         if basis is None:
             kw = torch.einsum("oct,Tt->Toc", self.weight, tf).unsqueeze(1)  # (T, 1, O, C)
