@@ -41,7 +41,13 @@ from flowmc._checks import check_int, is_int
 from flowmc.mcmc import cluster as CL
 from flowmc.mcmc.hmc import ChainMean, local_mean
 from flowmc.mcmc.rng import RNG_SCHEME, ChainRNG
-from flowmc.sampling.samplers import Counters, dtype_name, magnetization, to_tensor
+from flowmc.sampling.samplers import (
+    Counters,
+    dtype_name,
+    fixed_warmup,
+    magnetization,
+    to_tensor,
+)
 
 if TYPE_CHECKING:
     from flowmc.sampling.run import RunConfig
@@ -174,14 +180,11 @@ class ClusterSampler:
             acc = hist["acceptance_rate"]
             record["step_size_first"] = hist["step_size"][0]
             self.freeze(eps)
+            if acc:
+                record["acceptance_last_quarter"] = float(np.mean(acc[-max(1, len(acc) // 4):]))
         else:
             self.freeze(s.step_size)
-            acc = []
-            for _ in range(s.warmup):
-                state, info = self.kernel.step(state, rng)
-                acc.append(self.chain_mean(info.acceptance_rate))
-        if acc:
-            record["acceptance_last_quarter"] = float(np.mean(acc[-max(1, len(acc) // 4):]))
+            state = fixed_warmup(self.kernel, state, rng, s.warmup, self.chain_mean, record)
         return state, record
 
     def step(self, state: CL.ClusterState, rng: ChainRNG) -> tuple[CL.ClusterState, CL.ClusterInfo]:

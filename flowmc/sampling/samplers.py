@@ -19,6 +19,7 @@ The protocols of this seam: :mod:`flowmc.sampling.protocol`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,14 +30,14 @@ from flowmc.flows.flow import check_integration
 from flowmc.io.checkpoint import LoadedModel
 from flowmc.mcmc import hmc, imh
 from flowmc.mcmc.hybrid import HybridInfo, hybrid
-from flowmc.mcmc.kernel import CycleState, cycle
+from flowmc.mcmc.kernel import CycleState, SamplingAlgorithm, cycle
 from flowmc.mcmc.rng import RNG_SCHEME, ChainRNG
 
 if TYPE_CHECKING:
     from flowmc.sampling.run import RunConfig
     from flowmc.training.adapt import Adapter
 
-__all__ = ["Counters", "FlowIMHSampler", "HMCSampler", "HybridSampler"]
+__all__ = ["Counters", "FlowIMHSampler", "HMCSampler", "HybridSampler", "fixed_warmup"]
 
 
 class Counters:
@@ -75,6 +76,19 @@ class Counters:
 
 def magnetization(phi: Tensor) -> Tensor:
     return phi.flatten(2).sum(2).double()
+
+
+def fixed_warmup(kernel: SamplingAlgorithm, state: Any, rng: ChainRNG, warmup: int,
+                 chain_mean: Callable[[Tensor], float], record: dict) -> Any:
+    """``warmup`` steps of a kernel with a fixed (given) step size; the mean acceptance over the
+    last quarter goes into ``record["acceptance_last_quarter"]``. Returns the state."""
+    acc = []
+    for _ in range(warmup):
+        state, info = kernel.step(state, rng)
+        acc.append(chain_mean(info.acceptance_rate))
+    if acc:
+        record["acceptance_last_quarter"] = float(np.mean(acc[-max(1, len(acc) // 4):]))
+    return state
 
 
 def _int_steps(model: LoadedModel) -> dict:
@@ -217,12 +231,7 @@ class HMCSampler:
             self.freeze(eps, num_steps)
         else:
             self.freeze(s.step_size, max(1, math.ceil(s.traj_length / s.step_size)))
-            acc = []
-            for _ in range(s.warmup):
-                state, info = self.kernel.step(state, rng)
-                acc.append(self.chain_mean(info.acceptance_rate))
-            if acc:
-                record["acceptance_last_quarter"] = float(np.mean(acc[-max(1, len(acc) // 4):]))
+            state = fixed_warmup(self.kernel, state, rng, s.warmup, self.chain_mean, record)
         return state, record
 
     def step(self, state: hmc.HMCState, rng: ChainRNG) -> tuple[hmc.HMCState, hmc.HMCInfo]:
