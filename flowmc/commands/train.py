@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common_options(p)
     add_action_options(p)
     p.add_argument("--out", type=Path, required=False, default=None, help="checkpoint to write")
-    p.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="base recipe")
+    p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+                   help="base recipe (default: default; with --init-from, the ancestor's)")
     g = p.add_argument_group("flow (overrides the recipe)")
     g.add_argument("--layers", type=int, default=None, help="number of coupling layers")
     g.add_argument("--hidden", type=int_list, default=None, help="hidden channels, e.g. 8,8")
@@ -218,6 +219,14 @@ def _action(args: argparse.Namespace) -> Phi4Action | None:
     return action_from_args(argparse.Namespace(**{**vars(args), "m2": m2, "lam": lam}))
 
 
+def _ancestor_recipe(ckpt: dict) -> str | None:
+    """The recipe that trained an ``--init-from`` checkpoint (``None`` if it is not a known
+    one): a continued training takes its training hyper-parameters unless ``--recipe`` says
+    otherwise (a continuous flow would otherwise get the coupling recipes' batch of 256)."""
+    recipe = (ckpt.get("meta") or {}).get("recipe")
+    return recipe if recipe in RECIPES else None
+
+
 def _staged_args(args: argparse.Namespace) -> argparse.Namespace:
     """``--resume`` of a staged pipeline whose final checkpoint does not exist yet: the action
     options are needed again (a range ``--lam LO:HI`` stands for its midpoint)."""
@@ -237,8 +246,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give either --resume or --init-from, not both")
     if args.init_from is not None:  # a path, or a shipped flow's name (as sample and eval)
         args.init_from = resolve_model_path(args.init_from)
-        check_condition(args.init_from, load_checkpoint(args.init_from),
-                        args.lam if given(args, "lam") else None)  # fmt: skip
+        ancestor = load_checkpoint(args.init_from)
+        check_condition(args.init_from, ancestor, args.lam if given(args, "lam") else None)
+        if not given(args, "recipe"):  # the training hyper-parameters of the ancestor's recipe
+            args.recipe = _ancestor_recipe(ancestor) or args.recipe
     if args.resume and Path(args.out).exists():
         check_resume(args)
     # the training curve may replace only an earlier training curve, never the checkpoint or

@@ -350,3 +350,27 @@ def test_bench_cnf_script_smoke(tmp_path) -> None:  # noqa: ANN001
     rec = json.loads(out.read_text())["models"][0]
     assert [c["int_steps"] for c in rec["cost"]] == [10, 20]
     assert len(rec["discrepancy"]) == 2 and abs(rec["exact"][0]["delta"][0]) < 1e-3
+
+
+def test_init_from_takes_the_ancestors_recipe(tmp_path) -> None:  # noqa: ANN001
+    """``flowmc train --init-from`` continues with the ancestor's recipe's training settings
+    (the cnf recipe's batch 64 and Adam betas, not the default recipe's batch 256); an explicit
+    ``--recipe`` still wins."""
+    from flowmc.cli import main
+    from flowmc.io.checkpoint import load_checkpoint
+    from flowmc.training.recipes import RECIPES
+
+    common = ["--steps", "1", "--quiet", "--threads", "1", "--cnf-freq", "2", "--cnf-channels",
+              "2", "--int-steps", "2"]  # fmt: skip
+    small = tmp_path / "s.pt"
+    assert main(["train", "--L", "4", "--m2", "-4", "--lam", "8", "--recipe", "cnf",
+                 "--out", str(small), *common]) == 0  # fmt: skip
+    big, other = tmp_path / "b.pt", tmp_path / "o.pt"
+    grow = ["--L", "8", "--steps", "1", "--quiet", "--threads", "1"]
+    assert main(["train", "--init-from", str(small), "--out", str(big), *grow]) == 0
+    tc = load_checkpoint(big)["train_config"]
+    assert tc["batch_size"] == RECIPES["cnf"]["train"]["batch_size"] == 64
+    assert tuple(tc["betas"]) == (0.8, 0.9)
+    assert main(["train", "--init-from", str(small), "--recipe", "default", "--out", str(other),
+                 "--batch", "8", *grow]) == 0  # fmt: skip
+    assert tuple(load_checkpoint(other)["train_config"]["betas"]) == (0.9, 0.999)
