@@ -520,14 +520,14 @@ def check_integration(
     n: int = 64,
 ) -> list[Discrepancy]:
     r"""Refuse a proposal whose continuous layers integrate too coarsely to be used in an exact
-    chain: the rms of :math:`\ell_N - \ell_{2N}` must not exceed ``tolerance``
+    chain: the sd over draws of :math:`\ell_N - \ell_{2N}` must not exceed ``tolerance``
     (:data:`flowmc.flows.cnf.DISCREPANCY_TOLERANCE`; the bias this allows is discussed in
     :mod:`flowmc.flows.cnf`).
 
     Args:
         proposal: a :class:`Flow`, :class:`FlowAt` or :class:`Z2SymmetricFlow`.
         name: how the error message names the flow (e.g. its file).
-        tolerance: the largest rms discrepancy accepted.
+        tolerance: the largest sd of the discrepancy accepted.
         n: samples the discrepancy is measured on.
 
     Returns:

@@ -374,3 +374,37 @@ def test_init_from_takes_the_ancestors_recipe(tmp_path) -> None:  # noqa: ANN001
     assert main(["train", "--init-from", str(small), "--recipe", "default", "--out", str(other),
                  "--batch", "8", *grow]) == 0  # fmt: skip
     assert tuple(load_checkpoint(other)["train_config"]["betas"]) == (0.9, 0.999)
+
+
+def test_export_checkpoint_sets_the_sampling_steps_only_if_converged(tmp_path) -> None:  # noqa: ANN001
+    """``export_checkpoint`` writes a copy that samples with ``int_steps`` from then on, only if
+    the flow passes the integration check there (negative control: 2 steps are refused and
+    nothing is written), never over the source or a file that is not a checkpoint."""
+    from flowmc.io.checkpoint import export_checkpoint, load_checkpoint, load_model, save_checkpoint
+
+    cfg = FlowConfig((4, 4), n_layers=1, coupling="cnf",
+                     extra={"n_freq": 4, "n_channels": 3, "int_steps": 2})  # fmt: skip
+    flow = build_flow(cfg)
+    with torch.no_grad():
+        flow.continuous_layers[0].weight.normal_(0.0, 0.5, generator=torch.Generator()
+                                                 .manual_seed(0))  # fmt: skip
+    src = tmp_path / "trained.pt"
+    save_checkpoint(src, flow, Phi4Action(-4.0, 8.0, (4, 4)), meta={"note": "kept"})
+    with pytest.raises(ValueError, match=r"trained\.pt: its continuous flow's log density is "
+                       r"not converged at 2 integration steps"):
+        export_checkpoint(src, tmp_path / "coarse.pt")
+    assert not (tmp_path / "coarse.pt").exists()
+    info = export_checkpoint(src, tmp_path / "fine.pt", int_steps=64)
+    assert info["int_steps_before"] == 2 and info["int_steps"] == 64
+    assert info["discrepancy_sd"][0] < 1e-3
+    assert load_model(tmp_path / "fine.pt").int_steps == 64
+    assert load_model(src).int_steps == 2  # the source is untouched
+    copy, orig = load_checkpoint(tmp_path / "fine.pt"), load_checkpoint(src)
+    assert copy["meta"]["note"] == "kept" and "exported" not in orig["meta"]
+    assert all(torch.equal(copy["model_state"][k], v) for k, v in orig["model_state"].items())
+    with pytest.raises(ValueError, match="is the source itself"):
+        export_checkpoint(src, src, int_steps=64)
+    (tmp_path / "notes.pt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        export_checkpoint(src, tmp_path / "notes.pt", int_steps=64, force=True)
+    assert (tmp_path / "notes.pt").read_text() == "mine"
