@@ -163,3 +163,19 @@ def test_explore_flow_smoke(tmp_path):
     recs = [json.loads(line) for line in log.read_text().splitlines()]
     assert [[p["step"] for p in r["curve"]] for r in recs] == [[2, 4], [0, 2]]
     assert all(0 < p["acc"] <= 1 for r in recs for p in r["curve"])
+
+
+def test_export_flow_script(tmp_path):
+    """scripts/export_flow.py: a shipped coupling flow copied unchanged (no --int-steps); with
+    --int-steps on a coupling flow, one line and exit 2, nothing written."""
+    from flowmc.io.checkpoint import load_checkpoint
+
+    _run([str(ROOT / "scripts" / "export_flow.py"), "phi4_L8_m2-4_lam8", str(tmp_path / "c.pt")],
+         tmp_path)  # fmt: skip
+    assert load_checkpoint(tmp_path / "c.pt")["meta"]["exported"]["int_steps"] is None
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_flow.py"),
+                           "phi4_L8_m2-4_lam8", str(tmp_path / "d.pt"), "--int-steps", "40"],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "has no continuous flow layers" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "d.pt").exists()
