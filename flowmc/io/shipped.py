@@ -35,7 +35,7 @@ __all__ = [
 DEFAULT_MODELS: dict[tuple[int, float, float], str] = {
     (8, -4.0, 8.0): "phi4_L8_m2-4_lam8.pt",
     (8, -4.0, 1.0): "phi4_L8_m2-4_lam1.pt",
-    (16, -4.0, 4.25): "phi4_L16_m2-4_lam4.25.pt",
+    (16, -4.0, 4.25): "phi4_L16_m2-4_lam4.25_cnf.pt",
 }
 #: The flow ``flowmc sample`` and ``flowmc eval`` use without ``--model``.
 DEFAULT_MODEL: str = DEFAULT_MODELS[(8, -4.0, 8.0)]
