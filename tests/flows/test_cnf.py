@@ -408,3 +408,21 @@ def test_export_checkpoint_sets_the_sampling_steps_only_if_converged(tmp_path) -
     with pytest.raises(FileExistsError):
         export_checkpoint(src, tmp_path / "notes.pt", int_steps=64, force=True)
     assert (tmp_path / "notes.pt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["phi4_L16_m2-4_lam4.25_cnf", "phi4_L32_m2-4_lam4.572"])
+def test_shipped_continuous_flows_sample_converged(name: str) -> None:
+    """The shipped continuous flows carry the sampling steps of their cards and pass the
+    integration check ``flowmc sample`` applies; the steps they were trained with do not (the
+    check is not vacuous on them)."""
+    from flowmc.io.checkpoint import load_model
+    from flowmc.io.shipped import shipped_models
+
+    assert name in shipped_models()
+    model = load_model(name)
+    steps = {"phi4_L16_m2-4_lam4.25_cnf": 30, "phi4_L32_m2-4_lam4.572": 40}[name]
+    assert model.int_steps == steps
+    assert check_integration(model.proposal, name)[0].sd <= 1e-3
+    model.flow.set_int_steps(20)
+    with pytest.raises(ValueError, match="not converged at 20 integration steps"):
+        check_integration(model.proposal, name)

@@ -10,6 +10,8 @@ the maths fails while a reordering of sums passes.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -54,7 +56,8 @@ def test_shipped_flows_give_the_same_log_q_and_samples(name: str, dtype: torch.d
         k: tuple(v.shape) for k, v in saved.items()
     }
     g = torch.Generator().manual_seed(7)
-    z = flow.prior.sample(64, generator=g).to(dtype)
+    n = 64 if math.prod(flow.config.lattice_shape) <= 256 else 16  # L = 32: fewer draws
+    z = flow.prior.sample(n, generator=g).to(dtype)
     with torch.no_grad():
         phi, ld = flow(z)
         phi_ref, ld_ref = ref.forward(flow, z)
