@@ -36,6 +36,7 @@ DEFAULT_MODELS: dict[tuple[int, float, float], str] = {
     (8, -4.0, 8.0): "phi4_L8_m2-4_lam8.pt",
     (8, -4.0, 1.0): "phi4_L8_m2-4_lam1.pt",
     (16, -4.0, 4.25): "phi4_L16_m2-4_lam4.25_cnf.pt",
+    (32, -4.0, 4.572): "phi4_L32_m2-4_lam4.572.pt",
 }
 #: The flow ``flowmc sample`` and ``flowmc eval`` use without ``--model``.
 DEFAULT_MODEL: str = DEFAULT_MODELS[(8, -4.0, 8.0)]
