@@ -24,6 +24,7 @@ checkpoint or the complete new one, also after a crash or power cut. Reading val
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
 import json
 import os
@@ -34,7 +35,14 @@ from typing import Any
 import torch
 
 from flowmc._version import flowmc_version
-from flowmc.flows.flow import Flow, FlowAt, FlowConfig, Z2SymmetricFlow, build_flow
+from flowmc.flows.flow import (
+    Flow,
+    FlowAt,
+    FlowConfig,
+    Z2SymmetricFlow,
+    build_flow,
+    check_integration,
+)
 from flowmc.io import durable, safeio
 from flowmc.io.formats import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION
 from flowmc.io.shipped import resolve_model_path
@@ -411,22 +419,15 @@ def export_checkpoint(
             fails the integration check (one line naming ``src``).
         FileExistsError: if ``dst`` may not be replaced.
     """
-    import hashlib
-
-    from flowmc.flows.flow import check_integration
-
     src = resolve_model_path(src)
     ckpt = load_checkpoint(src)
     if Path(dst).resolve() == Path(src).resolve():
         raise ValueError(f"export_checkpoint: {dst} is the source itself; write a new file")
     model = load_model(src, int_steps=int_steps, lam=lam, dtype=torch.float32)
-    before = None
-    found = []
+    before = None  # load_model refused int_steps for a flow without continuous layers
+    found = check_integration(model.proposal, str(src), n=n_check)
     if model.flow.continuous_layers:
         before = int(ckpt["flow_config"].get("extra", {}).get("int_steps", 0)) or None
-        found = check_integration(model.proposal, str(src), n=n_check)
-    elif int_steps is not None:  # load_model refused already; kept for clarity
-        raise ValueError(f"{src} has no continuous flow layers; int_steps does not apply")
     if int_steps is not None:
         ckpt["flow_config"].setdefault("extra", {})["int_steps"] = int(int_steps)
     digest = hashlib.sha256(Path(src).read_bytes()).hexdigest()
