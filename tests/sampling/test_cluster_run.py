@@ -29,6 +29,7 @@ from flowmc.mcmc import cluster as CL
 from flowmc.sampling.cluster import CLUSTER_SCALARS, ClusterSettings
 from flowmc.sampling.run import SCALARS, RunConfig, run_ensemble
 from flowmc.scan import ScanConfig
+from tests.helpers import ensemble_dump
 
 ALPHA = 0.01
 ACTION4 = Phi4Action(-4.0, 8.0, (4, 4))
@@ -47,16 +48,10 @@ def _cfg(n: int, *, chains: int = 2, seed: int = 0, chunk: int | None = None, th
 
 
 def _dump(path: Path) -> dict[str, bytes]:
+    """:func:`tests.helpers.ensemble_dump` plus the sampler record."""
     with open_ensemble(path) as ens:
-        out = {f"scalars/{k}": ens.scalar(k).tobytes() for k in ens.scalar_names}
-        if ens.has_configs:
-            out["configs"] = np.asarray(ens.configs).tobytes()
-        arrays, attrs = ens.load_state()
-        out.update({f"state/{k}": v.tobytes() for k, v in arrays.items()})
-        out["state_attrs"] = repr(sorted(attrs.items())).encode()
-        out["sampler"] = json.dumps(ens.sampler, sort_keys=True).encode()
-        out["n"] = str(ens.n).encode()
-    return out
+        sampler = json.dumps(ens.sampler, sort_keys=True).encode()
+    return {**ensemble_dump(path), "sampler": sampler}
 
 
 # ------------------------------------------------------------------------------------- CLI
